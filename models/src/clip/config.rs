@@ -1,0 +1,242 @@
+//! HF `config.json` of a CLIP model, parsed tolerantly (unknown fields ignored, HF defaults for
+//! missing ones), plus the presets pe-clip can write with `init-random`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The MLP activation named by `hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenAct {
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP).
+    QuickGelu,
+    /// Exact erf GELU.
+    Gelu,
+    /// tanh-approximated GELU.
+    #[serde(alias = "gelu_pytorch_tanh")]
+    GeluNew,
+}
+
+/// The text tower of `config.json` (`text_config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TextConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    pub hidden_act: HiddenAct,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_attention_heads: 8,
+            num_hidden_layers: 12,
+            max_position_embeddings: 77,
+            vocab_size: 49408,
+            hidden_act: HiddenAct::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+/// The vision tower of `config.json` (`vision_config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub hidden_act: HiddenAct,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_attention_heads: 12,
+            num_hidden_layers: 12,
+            image_size: 224,
+            patch_size: 32,
+            num_channels: 3,
+            hidden_act: HiddenAct::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl VisionConfig {
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Patches per frame.
+    pub fn num_patches(&self) -> usize {
+        self.grid() * self.grid()
+    }
+}
+
+/// A whole CLIP `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClipConfig {
+    pub text_config: TextConfig,
+    pub vision_config: VisionConfig,
+    pub projection_dim: usize,
+    pub logit_scale_init_value: f64,
+}
+
+impl Default for ClipConfig {
+    fn default() -> Self {
+        Self {
+            text_config: TextConfig::default(),
+            vision_config: VisionConfig::default(),
+            projection_dim: 512,
+            logit_scale_init_value: 2.6592,
+        }
+    }
+}
+
+/// Architectures `pe-clip init-random` can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arch {
+    /// `openai/clip-vit-base-patch16`.
+    VitB16,
+    /// `openai/clip-vit-base-patch32`.
+    VitB32,
+    /// A tiny model of the same structure for tests and demos.
+    Tiny,
+}
+
+impl std::str::FromStr for Arch {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "vit-b16" => Ok(Arch::VitB16),
+            "vit-b32" => Ok(Arch::VitB32),
+            "tiny" => Ok(Arch::Tiny),
+            o => Err(format!("unknown arch {o:?} (expected vit-b16, vit-b32 or tiny)")),
+        }
+    }
+}
+
+impl ClipConfig {
+    /// The published configuration of an architecture.
+    pub fn preset(arch: Arch) -> Self {
+        let mut c = ClipConfig::default();
+        match arch {
+            Arch::VitB16 => c.vision_config.patch_size = 16,
+            Arch::VitB32 => c.vision_config.patch_size = 32,
+            Arch::Tiny => {
+                c.text_config = TextConfig {
+                    hidden_size: 32,
+                    intermediate_size: 64,
+                    num_attention_heads: 4,
+                    num_hidden_layers: 2,
+                    ..TextConfig::default()
+                };
+                c.vision_config = VisionConfig {
+                    hidden_size: 64,
+                    intermediate_size: 128,
+                    num_attention_heads: 4,
+                    num_hidden_layers: 2,
+                    image_size: 32,
+                    patch_size: 16,
+                    ..VisionConfig::default()
+                };
+                c.projection_dim = 32;
+            }
+        }
+        c
+    }
+
+    /// Read `config.json` from an HF model directory and validate it.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: ClipConfig = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        cfg.validate()
+            .map_err(|e| Error::invalid(path, e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// The HF `config.json` text for this configuration.
+    pub fn to_hf_json(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        v["architectures"] = serde_json::json!(["CLIPModel"]);
+        v["model_type"] = "clip".into();
+        v["text_config"]["model_type"] = "clip_text_model".into();
+        v["vision_config"]["model_type"] = "clip_vision_model".into();
+        serde_json::to_string_pretty(&v).expect("json")
+    }
+
+    /// Sizes must be positive, widths divisible by the head counts and the image by the patch.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.text_config;
+        let v = &self.vision_config;
+        let positive = [
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.intermediate_size", t.intermediate_size),
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("text_config.num_hidden_layers", t.num_hidden_layers),
+            ("text_config.max_position_embeddings", t.max_position_embeddings),
+            ("text_config.vocab_size", t.vocab_size),
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.intermediate_size", v.intermediate_size),
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("vision_config.num_hidden_layers", v.num_hidden_layers),
+            ("vision_config.image_size", v.image_size),
+            ("vision_config.patch_size", v.patch_size),
+            ("projection_dim", self.projection_dim),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::Config(format!("{name} must be positive")));
+            }
+        }
+        if t.hidden_size % t.num_attention_heads != 0 {
+            return Err(Error::Config(format!(
+                "text hidden_size {} is not divisible by num_attention_heads {}",
+                t.hidden_size, t.num_attention_heads
+            )));
+        }
+        if v.hidden_size % v.num_attention_heads != 0 {
+            return Err(Error::Config(format!(
+                "vision hidden_size {} is not divisible by num_attention_heads {}",
+                v.hidden_size, v.num_attention_heads
+            )));
+        }
+        if v.image_size % v.patch_size != 0 {
+            return Err(Error::Config(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                v.image_size, v.patch_size
+            )));
+        }
+        if v.num_channels != 3 {
+            return Err(Error::Config(format!(
+                "num_channels {} is not supported (RGB only)",
+                v.num_channels
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,123 @@
+//! The CLIP backbone in candle, loaded from an HF model directory
+//! (`config.json`, `model.safetensors`, tokenizer files) as published for
+//! `openai/clip-vit-base-patch16` and `-patch32`; any size given by `config.json`.
+
+pub mod attention;
+pub mod config;
+pub mod encoder;
+pub mod layers;
+pub mod mlp;
+pub mod random;
+pub mod text;
+pub mod vision;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+pub use config::{Arch, ClipConfig, HiddenAct, TextConfig, VisionConfig};
+pub use text::TextTower;
+pub use vision::VisionTower;
+pub use weights::{Vb, Weights};
+
+use crate::error::{Error, Result};
+
+/// The weights file name in an HF directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The config file name in an HF directory.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// A whole CLIP model: both towers and the learned `logit_scale`.
+#[derive(Debug, Clone)]
+pub struct ClipModel {
+    pub config: ClipConfig,
+    pub vision: VisionTower,
+    pub text: TextTower,
+    /// The raw (log) logit scale stored in the checkpoint; logits use `exp` of it.
+    pub logit_scale: f32,
+    pub device: Device,
+}
+
+impl ClipModel {
+    /// Load an HF CLIP directory. Sizes come from `config.json`; every tensor's shape is checked
+    /// against them.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = load_config(dir)?;
+        let weights = Weights::open(&weights_path(dir)?, device)?;
+        Self::from_weights(config, &weights)
+    }
+
+    /// Build from an already opened weights file.
+    pub fn from_weights(config: ClipConfig, weights: &Weights) -> Result<Self> {
+        let root = Vb::root(weights);
+        let vision = VisionTower::new(&config.vision_config, config.projection_dim, &root)?;
+        let text = TextTower::new(&config.text_config, config.projection_dim, &root)?;
+        let logit_scale = read_scalar(weights, "logit_scale")?;
+        Ok(Self {
+            config,
+            vision,
+            text,
+            logit_scale,
+            device: weights.device().clone(),
+        })
+    }
+
+    /// Projected image features `[N, E]` of normalised pixels `[N, 3, S, S]`.
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let s = self.config.vision_config.image_size;
+        let (_, c, h, w) = pixels.dims4()?;
+        if (c, h, w) != (3, s, s) {
+            return Err(Error::Config(format!(
+                "pixels must be [N, 3, {s}, {s}], got [.., {c}, {h}, {w}]"
+            )));
+        }
+        self.vision.forward(pixels)
+    }
+
+    /// Projected text features `[C, E]` of padded token rows.
+    pub fn text_features(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        self.text.forward(ids, &self.device)
+    }
+}
+
+/// Read and validate `dir/config.json`, with a clear error when `dir` is not a model directory.
+pub fn load_config(dir: &Path) -> Result<ClipConfig> {
+    if !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "model directory not found",
+            ),
+        ));
+    }
+    ClipConfig::from_file(&dir.join(CONFIG_FILE))
+}
+
+/// `dir/model.safetensors`, or an error that says what to do when only PyTorch weights exist.
+pub fn weights_path(dir: &Path) -> Result<PathBuf> {
+    let p = dir.join(WEIGHTS_FILE);
+    if p.is_file() {
+        return Ok(p);
+    }
+    let hint = if dir.join("pytorch_model.bin").is_file() {
+        "only pytorch_model.bin is present; convert it to model.safetensors (e.g. save_pretrained(..., safe_serialization=True))"
+    } else {
+        "model.safetensors not found"
+    };
+    Err(Error::invalid(dir, hint))
+}
+
+/// Read a scalar tensor (shape `[]` or `[1]`) as f32.
+fn read_scalar(w: &Weights, key: &str) -> Result<f32> {
+    let shape = w.shape_of(key).map(<[usize]>::to_vec).ok_or_else(|| {
+        Error::MissingTensor {
+            path: w.path().to_path_buf(),
+            key: key.to_string(),
+        }
+    })?;
+    let expected: &[usize] = if shape.is_empty() { &[] } else { &[1] };
+    let t = w.get(key, expected)?;
+    Ok(t.flatten_all()?.to_vec1::<f32>()?[0])
+}

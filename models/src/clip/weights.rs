@@ -1,0 +1,179 @@
+//! Memory-mapped safetensors weights with checked shapes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorInfo};
+
+use crate::error::{Error, Result};
+
+/// A safetensors file mapped into memory. Tensors are materialised on request, one copy from
+/// the mapping into the tensor's storage.
+pub struct Weights {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    header_len: usize,
+    infos: HashMap<String, TensorInfo>,
+    device: Device,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("path", &self.path)
+            .field("tensors", &self.infos.len())
+            .finish()
+    }
+}
+
+impl Weights {
+    /// Map `path` and validate its header (a truncated or foreign file is an error).
+    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is opened read-only and the mapping lives as long as `Weights`;
+        // pe-clip never writes to weight files in place (writes go through temp file + rename),
+        // so the mapped bytes do not change under us unless another program truncates the file.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+                path: path.to_path_buf(),
+                reason: describe_error(&e, &mmap),
+            })?;
+        let infos = metadata_infos(&metadata);
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            header_len,
+            infos,
+            device: device.clone(),
+        })
+    }
+
+    /// The file these weights come from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The device tensors are created on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether `key` is present.
+    pub fn contains(&self, key: &str) -> bool {
+        self.infos.contains_key(key)
+    }
+
+    /// All tensor names.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.infos.keys().map(String::as_str)
+    }
+
+    /// The stored shape of `key`.
+    pub fn shape_of(&self, key: &str) -> Option<&[usize]> {
+        self.infos.get(key).map(|i| i.shape.as_slice())
+    }
+
+    /// Load `key` as f32, checking that its shape is `expected`.
+    pub fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
+        let info = self.infos.get(key).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            key: key.to_string(),
+        })?;
+        if info.shape != expected {
+            return Err(Error::ShapeMismatch {
+                path: self.path.clone(),
+                key: key.to_string(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        let dtype = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            Dtype::F64 => DType::F64,
+            other => {
+                return Err(Error::UnsupportedDtype {
+                    path: self.path.clone(),
+                    key: key.to_string(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let start = 8 + self.header_len;
+        let bytes = &self.mmap[start + info.data_offsets.0..start + info.data_offsets.1];
+        let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &self.device)?;
+        Ok(if dtype == DType::F32 {
+            t
+        } else {
+            t.to_dtype(DType::F32)?
+        })
+    }
+}
+
+fn metadata_infos(metadata: &Metadata) -> HashMap<String, TensorInfo> {
+    metadata
+        .tensors()
+        .into_iter()
+        .map(|(k, info)| (k, info.clone()))
+        .collect()
+}
+
+fn describe_error(e: &safetensors::SafeTensorError, bytes: &[u8]) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => format!("file too short ({} bytes)", bytes.len()),
+        E::MetadataIncompleteBuffer => format!(
+            "the header describes more (or less) data than the file's {} bytes: truncated or corrupt",
+            bytes.len()
+        ),
+        E::InvalidHeaderLength | E::HeaderTooLarge => {
+            "the header length is impossible: truncated, or not safetensors".to_string()
+        }
+        E::InvalidHeader(_) | E::InvalidHeaderDeserialization(_) => {
+            "the header is not safetensors JSON".to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A view of [`Weights`] under a key prefix, e.g. `vision_model.encoder.layers.3`.
+#[derive(Clone)]
+pub struct Vb<'a> {
+    weights: &'a Weights,
+    prefix: String,
+}
+
+impl<'a> Vb<'a> {
+    /// The root view.
+    pub fn root(weights: &'a Weights) -> Vb<'a> {
+        Vb {
+            weights,
+            prefix: String::new(),
+        }
+    }
+
+    /// The full key of `name` under this prefix.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// A view one level deeper.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Vb<'a> {
+        Vb {
+            weights: self.weights,
+            prefix: self.key(&name.to_string()),
+        }
+    }
+
+    /// Load `name` with the expected shape.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights.get(&self.key(name), shape)
+    }
+}

@@ -1,0 +1,87 @@
+//! The one error type of `pe-clip-models`.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while loading models, texts or clips. Messages are lower-case and
+/// name the file, key or frame at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file does not parse into what it should hold.
+    #[error("{}: invalid json: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A file parses but its content is not acceptable.
+    #[error("{}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    /// The class list failed validation.
+    #[error("class list {origin}: {reason}")]
+    Classes { origin: String, reason: String },
+    /// The tokenizer files are unusable or a text cannot be encoded.
+    #[error("tokenizer ({origin}): {reason}")]
+    Tokenizer { origin: String, reason: String },
+    /// A tensor the model needs is absent from the weights file.
+    #[error("{}: missing tensor `{key}`", path.display())]
+    MissingTensor { path: PathBuf, key: String },
+    /// A tensor exists but its shape disagrees with `config.json`.
+    #[error("{}: tensor `{key}` has shape {found:?} but the config implies {expected:?}", path.display())]
+    ShapeMismatch {
+        path: PathBuf,
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype the loader does not read.
+    #[error("{}: tensor `{key}` has unsupported dtype {dtype}", path.display())]
+    UnsupportedDtype {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+    },
+    /// The weights file is not a readable safetensors file (truncated, wrong format, ...).
+    #[error("{}: not a valid safetensors file: {reason}", path.display())]
+    Safetensors { path: PathBuf, reason: String },
+    /// A clip path is neither a folder of frames nor a `.y4m` file.
+    #[error("{}: not a clip (expected a folder of JPEG/PNG frames or a .y4m file)", path.display())]
+    NotAClip { path: PathBuf },
+    /// A clip had no frame that could be decoded.
+    #[error("{}: no readable frame ({skipped} unreadable)", path.display())]
+    NoReadableFrames { path: PathBuf, skipped: usize },
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// An error from candle, the tensor library.
+    #[cfg(feature = "train")]
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Wrap an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An invalid-content error for `path`.
+    pub fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! Clip input: a folder of frames (JPEG/PNG, name order) or a `.y4m` file, sampled to the
+//! model's frame count. Unreadable frames are skipped with a warning naming them.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::sampling::test_indices;
+
+/// File extensions read as frames (case-insensitive).
+pub const FRAME_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+/// A frame that could not be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedFrame {
+    /// The file (frame folders) or `file#frame-index` (y4m).
+    pub frame: String,
+    /// The decoder's message.
+    pub reason: String,
+}
+
+/// The frames of a clip chosen by the test-time sampler.
+#[derive(Debug, Clone)]
+pub struct SampledClip {
+    /// The clip path as given.
+    pub path: PathBuf,
+    /// The sampled frames, in temporal order (length = segments).
+    pub frames: Vec<RgbImage>,
+    /// Readable frames in the clip (what the sampler saw as N).
+    pub readable_frames: usize,
+    /// Frames that could not be decoded.
+    pub skipped: Vec<SkippedFrame>,
+}
+
+/// Whether `path` is a clip pe-clip can read: a directory, or a file ending in `.y4m`.
+pub fn is_clip_path(path: &Path) -> bool {
+    path.is_dir() || has_extension(path, &["y4m"])
+}
+
+fn has_extension(path: &Path, exts: &[&str]) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
+/// The frame files of a folder, sorted by file name.
+pub fn list_frame_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && has_extension(p, &FRAME_EXTENSIONS))
+        .collect();
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(files)
+}
+
+/// Decode one image file to RGB.
+pub fn decode_frame_file(path: &Path) -> std::result::Result<RgbImage, String> {
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    reader
+        .decode()
+        .map(|img| img.into_rgb8())
+        .map_err(|e| e.to_string())
+}
+
+/// Load a clip and sample `segments` frames with the test-time sampler.
+pub fn load_sampled_clip(path: &Path, segments: usize) -> Result<SampledClip> {
+    if path.is_dir() {
+        load_sampled_folder(path, segments)
+    } else if path.is_file() && has_extension(path, &["y4m"]) {
+        load_sampled_y4m(path, segments)
+    } else if !path.exists() {
+        Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ))
+    } else {
+        Err(Error::NotAClip {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// Sample over the readable frames of a folder. Only the sampled files are decoded (in
+/// parallel); when one turns out unreadable it is dropped and the sampler runs again over the
+/// remaining files, so the result equals sampling over the readable frames.
+fn load_sampled_folder(dir: &Path, segments: usize) -> Result<SampledClip> {
+    let mut files = list_frame_files(dir)?;
+    let mut decoded: HashMap<PathBuf, RgbImage> = HashMap::new();
+    let mut skipped = Vec::new();
+    loop {
+        let idx = test_indices(files.len(), segments);
+        if idx.is_empty() {
+            return Err(Error::NoReadableFrames {
+                path: dir.to_path_buf(),
+                skipped: skipped.len(),
+            });
+        }
+        let mut todo: Vec<&PathBuf> = idx
+            .iter()
+            .map(|&i| &files[i])
+            .filter(|p| !decoded.contains_key(*p))
+            .collect();
+        todo.dedup();
+        let results: Vec<(PathBuf, std::result::Result<RgbImage, String>)> = todo
+            .par_iter()
+            .map(|p| ((*p).clone(), decode_frame_file(p)))
+            .collect();
+        let mut bad = Vec::new();
+        for (p, r) in results {
+            match r {
+                Ok(img) => {
+                    decoded.insert(p, img);
+                }
+                Err(reason) => {
+                    log::warn!("skipping unreadable frame {}: {reason}", p.display());
+                    skipped.push(SkippedFrame {
+                        frame: p.display().to_string(),
+                        reason,
+                    });
+                    bad.push(p);
+                }
+            }
+        }
+        if bad.is_empty() {
+            let frames = idx.iter().map(|&i| decoded[&files[i]].clone()).collect();
+            return Ok(SampledClip {
+                path: dir.to_path_buf(),
+                frames,
+                readable_frames: files.len(),
+                skipped,
+            });
+        }
+        files.retain(|f| !bad.contains(f));
+    }
+}
+
+/// How a y4m file's samples map to RGB.
+#[derive(Debug, Clone, Copy)]
+struct YuvLayout {
+    width: usize,
+    height: usize,
+    /// Chroma subsampling shifts (x, y); `None` for grayscale.
+    chroma_shift: Option<(usize, usize)>,
+    full_range: bool,
+}
+
+/// Read every frame of a `.y4m` file (8-bit 4:2:0, 4:2:2, 4:4:4 or mono) as RGB.
+/// Returns the frames and the frames that could not be read.
+pub fn read_y4m(path: &Path) -> Result<(Vec<RgbImage>, Vec<SkippedFrame>)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut dec = y4m::Decoder::new(BufReader::new(file))
+        .map_err(|e| Error::invalid(path, format!("not a y4m stream: {e}")))?;
+    use y4m::Colorspace as C;
+    let chroma_shift = match dec.get_colorspace() {
+        C::C420 | C::C420jpeg | C::C420paldv | C::C420mpeg2 => Some((1, 1)),
+        C::C422 => Some((1, 0)),
+        C::C444 => Some((0, 0)),
+        C::Cmono => None,
+        other => {
+            return Err(Error::invalid(
+                path,
+                format!("unsupported y4m colorspace {other:?} (8-bit only)"),
+            ))
+        }
+    };
+    let params = String::from_utf8_lossy(dec.get_raw_params()).to_string();
+    let layout = YuvLayout {
+        width: dec.get_width(),
+        height: dec.get_height(),
+        chroma_shift,
+        full_range: params.contains("XCOLORRANGE=FULL"),
+    };
+    let mut frames = Vec::new();
+    let mut skipped = Vec::new();
+    loop {
+        match dec.read_frame() {
+            Ok(frame) => frames.push(yuv_to_rgb(&frame, layout)),
+            Err(y4m::Error::EOF) => break,
+            Err(e) => {
+                let reason = format!("{e}; the rest of the stream is unreadable");
+                log::warn!(
+                    "skipping unreadable frame {}#{}: {reason}",
+                    path.display(),
+                    frames.len()
+                );
+                skipped.push(SkippedFrame {
+                    frame: format!("{}#{}", path.display(), frames.len()),
+                    reason,
+                });
+                return Ok((frames, skipped));
+            }
+        }
+    }
+    // The decoder reports a frame cut short by the end of the file as a clean end: compare the
+    // file length with what the frames read account for.
+    let expected = y4m_stream_len(path, &layout, frames.len())?;
+    if expected < file_len {
+        let reason = format!(
+            "truncated frame ({} trailing bytes)",
+            file_len - expected
+        );
+        log::warn!(
+            "skipping unreadable frame {}#{}: {reason}",
+            path.display(),
+            frames.len()
+        );
+        skipped.push(SkippedFrame {
+            frame: format!("{}#{}", path.display(), frames.len()),
+            reason,
+        });
+    }
+    Ok((frames, skipped))
+}
+
+/// Bytes taken by the header and the first `n` frames (each with a bare `FRAME\n` header).
+fn y4m_stream_len(path: &Path, layout: &YuvLayout, n: usize) -> Result<u64> {
+    let mut head = Vec::new();
+    let mut f = BufReader::new(std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
+    let mut byte = [0u8; 1];
+    loop {
+        match f.read(&mut byte) {
+            Ok(1) if byte[0] == b'\n' => break,
+            Ok(1) => head.push(byte[0]),
+            _ => return Ok(0),
+        }
+    }
+    let (w, h) = (layout.width, layout.height);
+    let chroma = match layout.chroma_shift {
+        Some((sx, sy)) => 2 * w.div_ceil(1 << sx) * h.div_ceil(1 << sy),
+        None => 0,
+    };
+    Ok(head.len() as u64 + 1 + n as u64 * (6 + (w * h + chroma) as u64))
+}
+
+fn yuv_to_rgb(frame: &y4m::Frame<'_>, l: YuvLayout) -> RgbImage {
+    let (w, h) = (l.width, l.height);
+    let yp = frame.get_y_plane();
+    let (up, vp) = (frame.get_u_plane(), frame.get_v_plane());
+    let mut out = RgbImage::new(w as u32, h as u32);
+    for y in 0..h {
+        for x in 0..w {
+            let luma = f32::from(yp[y * w + x]);
+            let (cb, cr) = match l.chroma_shift {
+                Some((sx, sy)) => {
+                    let cw = w.div_ceil(1 << sx);
+                    let i = (y >> sy) * cw + (x >> sx);
+                    (f32::from(up[i]) - 128.0, f32::from(vp[i]) - 128.0)
+                }
+                None => (0.0, 0.0),
+            };
+            // BT.601; limited range unless the stream says XCOLORRANGE=FULL.
+            let (yy, k) = if l.full_range {
+                (luma, 1.0)
+            } else {
+                (1.164_383_6 * (luma - 16.0), 1.138_393)
+            };
+            let r = yy + k * 1.402 * cr;
+            let g = yy - k * (0.344_136 * cb + 0.714_136 * cr);
+            let b = yy + k * 1.772 * cb;
+            out.put_pixel(
+                x as u32,
+                y as u32,
+                image::Rgb([to_u8(r), to_u8(g), to_u8(b)]),
+            );
+        }
+    }
+    out
+}
+
+fn to_u8(v: f32) -> u8 {
+    v.round().clamp(0.0, 255.0) as u8
+}
+
+fn load_sampled_y4m(path: &Path, segments: usize) -> Result<SampledClip> {
+    let (frames, skipped) = read_y4m(path)?;
+    let idx = test_indices(frames.len(), segments);
+    if idx.is_empty() {
+        return Err(Error::NoReadableFrames {
+            path: path.to_path_buf(),
+            skipped: skipped.len(),
+        });
+    }
+    Ok(SampledClip {
+        path: path.to_path_buf(),
+        frames: idx.iter().map(|&i| frames[i].clone()).collect(),
+        readable_frames: frames.len(),
+        skipped,
+    })
+}
+
+/// Write RGB frames as an 8-bit 4:4:4 full-range `.y4m` (lossless up to YUV rounding); used by
+/// tests and tools.
+pub fn write_y4m_444(path: &Path, frames: &[RgbImage], fps: usize) -> Result<()> {
+    let first = frames
+        .first()
+        .ok_or_else(|| Error::invalid(path, "no frames to write"))?;
+    let (w, h) = (first.width() as usize, first.height() as usize);
+    crate::io::write_atomic_with(path, |out| {
+        let mut enc = y4m::encode(w, h, y4m::Ratio::new(fps, 1))
+            .with_colorspace(y4m::Colorspace::C444)
+            .append_vendor_extension(
+                y4m::VendorExtensionString::new(b"COLORRANGE=FULL".to_vec())
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            )
+            .write_header(out)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        for f in frames {
+            let mut planes = [vec![0u8; w * h], vec![0u8; w * h], vec![0u8; w * h]];
+            for (i, p) in f.pixels().enumerate() {
+                let [r, g, b] = p.0.map(f32::from);
+                let y = 0.299 * r + 0.587 * g + 0.114 * b;
+                planes[0][i] = to_u8(y);
+                planes[1][i] = to_u8((b - y) / 1.772 + 128.0);
+                planes[2][i] = to_u8((r - y) / 1.402 + 128.0);
+            }
+            let frame = y4m::Frame::new([&planes[0], &planes[1], &planes[2]], None);
+            enc.write_frame(&frame)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(v: u8) -> RgbImage {
+        RgbImage::from_fn(8, 6, |x, y| image::Rgb([v, (x * 20) as u8, (y * 30) as u8]))
+    }
+
+    #[test]
+    fn folder_sorted_and_corrupt_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..20u8 {
+            frame(i * 10)
+                .save(dir.path().join(format!("{i:03}.png")))
+                .unwrap();
+        }
+        std::fs::write(dir.path().join("005.png"), b"not a png").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
+        let clip = load_sampled_clip(dir.path(), 16).unwrap();
+        assert_eq!(clip.readable_frames, 19);
+        assert_eq!(clip.skipped.len(), 1);
+        assert!(clip.skipped[0].frame.ends_with("005.png"));
+        // 19 readable frames -> tick 19/16; frame values identify the source file.
+        let readable: Vec<u8> = (0..20u8).filter(|&i| i != 5).map(|i| i * 10).collect();
+        let want: Vec<u8> = test_indices(19, 16).iter().map(|&i| readable[i]).collect();
+        let got: Vec<u8> = clip.frames.iter().map(|f| f.get_pixel(0, 0).0[0]).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn folder_without_readable_frames_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.jpg"), b"garbage").unwrap();
+        let err = load_sampled_clip(dir.path(), 16).unwrap_err();
+        assert!(matches!(err, Error::NoReadableFrames { skipped: 1, .. }), "{err}");
+        let empty = tempfile::tempdir().unwrap();
+        assert!(load_sampled_clip(empty.path(), 16).is_err());
+    }
+
+    #[test]
+    fn y4m_round_trip_and_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.y4m");
+        let frames: Vec<RgbImage> = (0..5).map(|i| frame(40 * i)).collect();
+        write_y4m_444(&p, &frames, 25).unwrap();
+        let (back, skipped) = read_y4m(&p).unwrap();
+        assert!(skipped.is_empty());
+        assert_eq!(back.len(), 5);
+        for (a, b) in frames.iter().zip(&back) {
+            for (pa, pb) in a.pixels().zip(b.pixels()) {
+                for c in 0..3 {
+                    assert!((i16::from(pa.0[c]) - i16::from(pb.0[c])).abs() <= 2);
+                }
+            }
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
+        let (back, skipped) = read_y4m(&p).unwrap();
+        assert_eq!(back.len(), 4);
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].frame.ends_with("c.y4m#4"), "{:?}", skipped);
+        let clip = load_sampled_clip(&p, 16).unwrap();
+        assert_eq!(clip.frames.len(), 16);
+        std::fs::write(&p, b"not y4m").unwrap();
+        assert!(load_sampled_clip(&p, 16).is_err());
+    }
+}
