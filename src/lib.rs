@@ -1,1 +1,8 @@
+//! # pe-clip
+//!
+//! Driver facial-expression recognition with PE-CLIP. This crate holds the command-line tool
+//! (one module per subcommand); the model contract and the candle models live in
+//! `pe-clip-models`.
+#![forbid(unsafe_code)]
 
+pub mod cli;

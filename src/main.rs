@@ -1,1 +1,5 @@
-fn main() {}
+//! The `pe-clip` command-line tool.
+
+fn main() -> std::process::ExitCode {
+    pe_clip::cli::main()
+}

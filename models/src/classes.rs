@@ -129,20 +129,34 @@ mod tests {
         let set = ClassSet::default();
         assert_eq!(
             set.names(),
-            ["happiness", "sadness", "neutral", "anger", "surprise", "disgust", "fear"]
+            [
+                "happiness",
+                "sadness",
+                "neutral",
+                "anger",
+                "surprise",
+                "disgust",
+                "fear"
+            ]
         );
         assert_eq!(
             set.classes[6].descriptor,
             "Inner Brow Raiser, Outer Brow Raiser, Brow Lowerer, Upper Lid Raiser, Lid Tightener, Lip Stretcher, Jaw Drop."
         );
-        assert_eq!(set.classes[0].descriptor, "Cheek Raiser, Lip Corner Puller.");
+        assert_eq!(
+            set.classes[0].descriptor,
+            "Cheek Raiser, Lip Corner Puller."
+        );
     }
 
     #[test]
     fn rejects_bad_lists() {
         let bad = [
             (r#"{"format_version":2,"classes":[]}"#, "format_version"),
-            (r#"{"format_version":1,"classes":[{"name":"a","descriptor":"x"}]}"#, "at least 2"),
+            (
+                r#"{"format_version":1,"classes":[{"name":"a","descriptor":"x"}]}"#,
+                "at least 2",
+            ),
             (
                 r#"{"format_version":1,"classes":[{"name":"a","descriptor":"x"},{"name":"a","descriptor":"y"}]}"#,
                 "duplicate",
@@ -155,10 +169,15 @@ mod tests {
                 r#"{"format_version":1,"classes":[{"name":"a b","descriptor":"x"},{"name":"b","descriptor":"y"}]}"#,
                 "name",
             ),
-            (r#"{"format_version":1,"classes":[],"extra":1}"#, "unknown field"),
+            (
+                r#"{"format_version":1,"classes":[],"extra":1}"#,
+                "unknown field",
+            ),
         ];
         for (text, needle) in bad {
-            let err = ClassSet::from_json_str(text, "t.json").unwrap_err().to_string();
+            let err = ClassSet::from_json_str(text, "t.json")
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle) && err.contains("t.json"), "{err}");
         }
     }

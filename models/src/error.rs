@@ -10,18 +10,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file or directory could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     /// A JSON file does not parse into what it should hold.
-    #[error("{}: invalid json: {source}", path.display())]
+    #[error("{}: invalid json: {err}", path.display())]
     Json {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        err: serde_json::Error,
     },
     /// A file parses but its content is not acceptable.
     #[error("{}: {reason}", path.display())]
@@ -57,8 +52,12 @@ pub enum Error {
     #[error("{}: not a clip (expected a folder of JPEG/PNG frames or a .y4m file)", path.display())]
     NotAClip { path: PathBuf },
     /// A clip had no frame that could be decoded.
-    #[error("{}: no readable frame ({skipped} unreadable)", path.display())]
-    NoReadableFrames { path: PathBuf, skipped: usize },
+    #[error("{}: no readable frame{}", path.display(), list_unreadable(unreadable))]
+    NoReadableFrames {
+        path: PathBuf,
+        /// The frames that failed to decode (file names, or `file#index` for y4m).
+        unreadable: Vec<String>,
+    },
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -70,10 +69,10 @@ pub enum Error {
 
 impl Error {
     /// Wrap an I/O error with the path it concerns.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err,
         }
     }
 
@@ -84,4 +83,29 @@ impl Error {
             reason: reason.into(),
         }
     }
+}
+
+/// ` (unreadable: a.jpg, b.jpg, ... and N more)`, or nothing when the list is empty.
+fn list_unreadable(frames: &[String]) -> String {
+    const SHOWN: usize = 5;
+    if frames.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = frames
+        .iter()
+        .take(SHOWN)
+        .map(|f| {
+            std::path::Path::new(f)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or(f)
+        })
+        .collect();
+    let more = frames.len().saturating_sub(SHOWN);
+    let tail = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    format!(" (unreadable: {}{tail})", names.join(", "))
 }

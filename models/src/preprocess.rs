@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 /// CLIP's per-channel pixel mean (RGB, on the 0..1 scale).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// CLIP's per-channel pixel standard deviation.
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// How pixels are normalised after `/ 255`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -220,7 +220,10 @@ mod tests {
         };
         let chw = spec.frame_to_chw(&img);
         assert_eq!(chw[0], f32::from(img.get_pixel(0, 0).0[0]) / 255.0);
-        assert_eq!(chw[32 * 32 + 1], f32::from(img.get_pixel(1, 0).0[1]) / 255.0);
+        assert_eq!(
+            chw[32 * 32 + 1],
+            f32::from(img.get_pixel(1, 0).0[1]) / 255.0
+        );
     }
 
     #[test]

@@ -22,10 +22,14 @@ pub const SOT_TOKEN: &str = "<|startoftext|>";
 /// The end-of-text token (also HF's pad and unknown token).
 pub const EOT_TOKEN: &str = "<|endoftext|>";
 
+/// BPE merges in rank order: pairs of symbols.
+pub type Merges = Vec<(String, String)>;
+
 const EMBEDDED_BPE_GZ: &[u8] = include_bytes!("../data/bpe_simple_vocab_16e6.txt.gz");
 /// Number of merges CLIP uses from the BPE file (49152 - 256 - 2).
 const CLIP_MERGES: usize = 48_894;
-const PATTERN: &str = r"(?i)<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+";
+const PATTERN: &str =
+    r"(?i)<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+";
 
 /// A CLIP tokenizer.
 pub struct ClipTokenizer {
@@ -80,10 +84,10 @@ fn byte_vocab_order(map: &[char; 256]) -> Vec<char> {
 }
 
 /// The CLIP vocabulary and merges built from OpenAI's BPE file, exactly as CLIP and HF build them.
-fn vocab_from_bpe_text(text: &str) -> Result<(Vec<String>, Vec<(String, String)>)> {
+fn vocab_from_bpe_text(text: &str) -> Result<(Vec<String>, Merges)> {
     let mut lines = text.split('\n');
     lines.next(); // "#version: 0.2" header
-    let merges: Vec<(String, String)> = lines
+    let merges: Merges = lines
         .take(CLIP_MERGES)
         .map(|l| {
             let mut it = l.split(' ');
@@ -107,7 +111,7 @@ fn vocab_from_bpe_text(text: &str) -> Result<(Vec<String>, Vec<(String, String)>
 
 /// The embedded CLIP vocabulary (49,408 tokens) and merges, as HF `vocab.json` order and
 /// `merges.txt` pairs.
-pub fn embedded_vocab() -> Result<(Vec<String>, Vec<(String, String)>)> {
+pub fn embedded_vocab() -> Result<(Vec<String>, Merges)> {
     let mut text = String::new();
     flate2::read::GzDecoder::new(EMBEDDED_BPE_GZ)
         .read_to_string(&mut text)
@@ -160,7 +164,7 @@ impl ClipTokenizer {
             let encoder: HashMap<String, u32> = serde_json::from_value(model["vocab"].clone())
                 .map_err(|e| Error::Json {
                     path: path.clone(),
-                    source: e,
+                    err: e,
                 })?;
             let merges = model["merges"]
                 .as_array()
@@ -200,7 +204,7 @@ impl ClipTokenizer {
 
     fn build(
         encoder: HashMap<String, u32>,
-        merges: Vec<(String, String)>,
+        merges: Merges,
         pad: Option<String>,
         origin: String,
     ) -> Result<Self> {
@@ -222,8 +226,7 @@ impl ClipTokenizer {
         };
         let byte_encoder = bytes_to_unicode();
         for c in byte_encoder {
-            if !encoder.contains_key(&format!("{c}</w>")) && !encoder.contains_key(&c.to_string())
-            {
+            if !encoder.contains_key(&format!("{c}</w>")) && !encoder.contains_key(&c.to_string()) {
                 return Err(fail(format!("vocabulary lacks byte token {c:?}")));
             }
         }
@@ -364,7 +367,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
-        source: e,
+        err: e,
     })
 }
 

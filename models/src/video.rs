@@ -94,13 +94,13 @@ pub fn load_sampled_clip(path: &Path, segments: usize) -> Result<SampledClip> {
 fn load_sampled_folder(dir: &Path, segments: usize) -> Result<SampledClip> {
     let mut files = list_frame_files(dir)?;
     let mut decoded: HashMap<PathBuf, RgbImage> = HashMap::new();
-    let mut skipped = Vec::new();
+    let mut skipped: Vec<SkippedFrame> = Vec::new();
     loop {
         let idx = test_indices(files.len(), segments);
         if idx.is_empty() {
             return Err(Error::NoReadableFrames {
                 path: dir.to_path_buf(),
-                skipped: skipped.len(),
+                unreadable: skipped.into_iter().map(|s| s.frame).collect(),
             });
         }
         let mut todo: Vec<&PathBuf> = idx
@@ -204,10 +204,7 @@ pub fn read_y4m(path: &Path) -> Result<(Vec<RgbImage>, Vec<SkippedFrame>)> {
     // file length with what the frames read account for.
     let expected = y4m_stream_len(path, &layout, frames.len())?;
     if expected < file_len {
-        let reason = format!(
-            "truncated frame ({} trailing bytes)",
-            file_len - expected
-        );
+        let reason = format!("truncated frame ({} trailing bytes)", file_len - expected);
         log::warn!(
             "skipping unreadable frame {}#{}: {reason}",
             path.display(),
@@ -286,7 +283,7 @@ fn load_sampled_y4m(path: &Path, segments: usize) -> Result<SampledClip> {
     if idx.is_empty() {
         return Err(Error::NoReadableFrames {
             path: path.to_path_buf(),
-            skipped: skipped.len(),
+            unreadable: skipped.into_iter().map(|s| s.frame).collect(),
         });
     }
     Ok(SampledClip {
@@ -364,7 +361,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.jpg"), b"garbage").unwrap();
         let err = load_sampled_clip(dir.path(), 16).unwrap_err();
-        assert!(matches!(err, Error::NoReadableFrames { skipped: 1, .. }), "{err}");
+        assert!(
+            matches!(&err, Error::NoReadableFrames { unreadable, .. } if unreadable.len() == 1),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .ends_with("no readable frame (unreadable: a.jpg)"),
+            "{err}"
+        );
         let empty = tempfile::tempdir().unwrap();
         assert!(load_sampled_clip(empty.path(), 16).is_err());
     }

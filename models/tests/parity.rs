@@ -3,7 +3,6 @@
 //! Tolerances are those stored in `expected.json`: features and logits 1e-4 absolute, token ids
 //! and resized pixels exact.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
@@ -11,9 +10,6 @@ use pe_clip_models::preprocess::resize_bilinear;
 use pe_clip_models::tokenizer::ClipTokenizer;
 use pe_clip_models::video::load_sampled_clip;
 use safetensors::SafeTensors;
-
-const FEATURE_TOL: f32 = 1e-4;
-const LOGIT_TOL: f32 = 1e-4;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-clip-tiny")
@@ -38,17 +34,10 @@ impl Expected {
 
     fn tensor(&self, key: &str) -> (Vec<usize>, Vec<u8>) {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st.tensor(key).unwrap_or_else(|_| panic!("fixture lacks {key}"));
+        let t = st
+            .tensor(key)
+            .unwrap_or_else(|_| panic!("fixture lacks {key}"));
         (t.shape().to_vec(), t.data().to_vec())
-    }
-
-    fn f32s(&self, key: &str) -> (Vec<usize>, Vec<f32>) {
-        let (s, b) = self.tensor(key);
-        let v = b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        (s, v)
     }
 
     fn image(&self, key: &str) -> Vec<RgbImage> {
@@ -100,14 +89,6 @@ fn clip_folders_are_sampled_and_resized_as_the_reference() {
     }
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[cfg(feature = "train")]
 mod model {
     use super::*;
@@ -115,6 +96,29 @@ mod model {
     use pe_clip_models::clip::ClipModel;
     use pe_clip_models::zero_shot::ZeroShot;
     use pe_clip_models::{ClassSet, PixelNorm, PreprocessSpec};
+    use std::collections::HashMap;
+
+    const FEATURE_TOL: f32 = 1e-4;
+    const LOGIT_TOL: f32 = 1e-4;
+
+    impl Expected {
+        fn f32s(&self, key: &str) -> (Vec<usize>, Vec<f32>) {
+            let (s, b) = self.tensor(key);
+            let v = b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (s, v)
+        }
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
 
     #[test]
     fn text_features_match_transformers() {
@@ -148,7 +152,10 @@ mod model {
                 assert_eq!(feats.dims(), shape.as_slice());
                 let got = feats.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let d = max_abs_diff(&got, &want);
-                assert!(d < FEATURE_TOL, "clip {name} {norm}: image features differ by {d}");
+                assert!(
+                    d < FEATURE_TOL,
+                    "clip {name} {norm}: image features differ by {d}"
+                );
 
                 let result = zs.classify(&path).unwrap();
                 let (_, want) = e.f32s(&format!("clip_{name}.{norm}.logits"));

@@ -132,7 +132,9 @@ impl std::str::FromStr for Arch {
             "vit-b16" => Ok(Arch::VitB16),
             "vit-b32" => Ok(Arch::VitB32),
             "tiny" => Ok(Arch::Tiny),
-            o => Err(format!("unknown arch {o:?} (expected vit-b16, vit-b32 or tiny)")),
+            o => Err(format!(
+                "unknown arch {o:?} (expected vit-b16, vit-b32 or tiny)"
+            )),
         }
     }
 }
@@ -172,7 +174,7 @@ impl ClipConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let cfg: ClipConfig = serde_json::from_str(&text).map_err(|e| Error::Json {
             path: path.to_path_buf(),
-            source: e,
+            err: e,
         })?;
         cfg.validate()
             .map_err(|e| Error::invalid(path, e.to_string()))?;
@@ -198,7 +200,10 @@ impl ClipConfig {
             ("text_config.intermediate_size", t.intermediate_size),
             ("text_config.num_attention_heads", t.num_attention_heads),
             ("text_config.num_hidden_layers", t.num_hidden_layers),
-            ("text_config.max_position_embeddings", t.max_position_embeddings),
+            (
+                "text_config.max_position_embeddings",
+                t.max_position_embeddings,
+            ),
             ("text_config.vocab_size", t.vocab_size),
             ("vision_config.hidden_size", v.hidden_size),
             ("vision_config.intermediate_size", v.intermediate_size),

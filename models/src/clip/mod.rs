@@ -86,10 +86,7 @@ pub fn load_config(dir: &Path) -> Result<ClipConfig> {
     if !dir.is_dir() {
         return Err(Error::io(
             dir,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "model directory not found",
-            ),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
         ));
     }
     ClipConfig::from_file(&dir.join(CONFIG_FILE))
@@ -111,12 +108,13 @@ pub fn weights_path(dir: &Path) -> Result<PathBuf> {
 
 /// Read a scalar tensor (shape `[]` or `[1]`) as f32.
 fn read_scalar(w: &Weights, key: &str) -> Result<f32> {
-    let shape = w.shape_of(key).map(<[usize]>::to_vec).ok_or_else(|| {
-        Error::MissingTensor {
+    let shape = w
+        .shape_of(key)
+        .map(<[usize]>::to_vec)
+        .ok_or_else(|| Error::MissingTensor {
             path: w.path().to_path_buf(),
             key: key.to_string(),
-        }
-    })?;
+        })?;
     let expected: &[usize] = if shape.is_empty() { &[] } else { &[1] };
     let t = w.get(key, expected)?;
     Ok(t.flatten_all()?.to_vec1::<f32>()?[0])

@@ -45,8 +45,18 @@ pub fn tensor_specs(cfg: &ClipConfig) -> Vec<(String, Vec<usize>, Init)> {
     };
     let t = &cfg.text_config;
     let v = &cfg.vision_config;
-    layers("text_model", t.num_hidden_layers, t.hidden_size, t.intermediate_size);
-    layers("vision_model", v.num_hidden_layers, v.hidden_size, v.intermediate_size);
+    layers(
+        "text_model",
+        t.num_hidden_layers,
+        t.hidden_size,
+        t.intermediate_size,
+    );
+    layers(
+        "vision_model",
+        v.num_hidden_layers,
+        v.hidden_size,
+        v.intermediate_size,
+    );
     let e = cfg.projection_dim;
     out.extend([
         (
@@ -59,8 +69,16 @@ pub fn tensor_specs(cfg: &ClipConfig) -> Vec<(String, Vec<usize>, Init)> {
             vec![t.max_position_embeddings, t.hidden_size],
             Init::Normal(0.01),
         ),
-        ("text_model.final_layer_norm.weight".into(), vec![t.hidden_size], one),
-        ("text_model.final_layer_norm.bias".into(), vec![t.hidden_size], zero),
+        (
+            "text_model.final_layer_norm.weight".into(),
+            vec![t.hidden_size],
+            one,
+        ),
+        (
+            "text_model.final_layer_norm.bias".into(),
+            vec![t.hidden_size],
+            zero,
+        ),
         ("text_projection.weight".into(), vec![e, t.hidden_size], w),
         (
             "vision_model.embeddings.patch_embedding.weight".into(),
@@ -77,10 +95,26 @@ pub fn tensor_specs(cfg: &ClipConfig) -> Vec<(String, Vec<usize>, Init)> {
             vec![v.num_patches() + 1, v.hidden_size],
             w,
         ),
-        ("vision_model.pre_layrnorm.weight".into(), vec![v.hidden_size], one),
-        ("vision_model.pre_layrnorm.bias".into(), vec![v.hidden_size], zero),
-        ("vision_model.post_layernorm.weight".into(), vec![v.hidden_size], one),
-        ("vision_model.post_layernorm.bias".into(), vec![v.hidden_size], zero),
+        (
+            "vision_model.pre_layrnorm.weight".into(),
+            vec![v.hidden_size],
+            one,
+        ),
+        (
+            "vision_model.pre_layrnorm.bias".into(),
+            vec![v.hidden_size],
+            zero,
+        ),
+        (
+            "vision_model.post_layernorm.weight".into(),
+            vec![v.hidden_size],
+            one,
+        ),
+        (
+            "vision_model.post_layernorm.bias".into(),
+            vec![v.hidden_size],
+            zero,
+        ),
         ("visual_projection.weight".into(), vec![e, v.hidden_size], w),
         (
             "logit_scale".into(),
@@ -154,6 +188,13 @@ pub fn write_random_model(dir: &Path, cfg: &ClipConfig, seed: u64) -> Result<()>
         let _ = std::fs::remove_file(&tmp);
         Error::invalid(&path, format!("writing weights failed: {e}"))
     })?;
+    // The safetensors writer creates its file owner-only; give it a plain file's mode.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(&tmp, e))?;
+    }
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
     crate::io::write_atomic(&dir.join(super::CONFIG_FILE), cfg.to_hf_json().as_bytes())?;
     crate::tokenizer::write_hf_tokenizer_files(dir)?;

@@ -69,7 +69,11 @@ impl TextTower {
                 self.config.max_position_embeddings
             )));
         }
-        if let Some(&bad) = ids.iter().flatten().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(&bad) = ids
+            .iter()
+            .flatten()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             return Err(Error::Config(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.config.vocab_size
@@ -77,10 +81,10 @@ impl TextTower {
         }
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         let idx = Tensor::from_vec(flat, c * l, device)?;
-        let tok = self
-            .token_embedding
-            .index_select(&idx, 0)?
-            .reshape((c, l, self.config.hidden_size))?;
+        let tok =
+            self.token_embedding
+                .index_select(&idx, 0)?
+                .reshape((c, l, self.config.hidden_size))?;
         Ok(tok.broadcast_add(&self.position_embedding.narrow(0, 0, l)?)?)
     }
 

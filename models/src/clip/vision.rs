@@ -103,7 +103,9 @@ impl VisionTower {
 
     /// Projected class-token features `[N, E]` of `pixels` `[N, 3, S, S]`.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let mut x = self.pre_layrnorm.forward(&self.embeddings.forward(pixels)?)?;
+        let mut x = self
+            .pre_layrnorm
+            .forward(&self.embeddings.forward(pixels)?)?;
         for layer in &self.layers {
             x = layer.forward(&x, None)?;
         }

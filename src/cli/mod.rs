@@ -1,0 +1,113 @@
+//! Command-line parsing, logging and exit codes. Each subcommand has its own module; clap types
+//! stay in this module tree and never reach library code.
+
+mod init_random;
+mod table;
+mod zero_shot;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status: success.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: the command failed (bad input, missing or corrupt files, ...).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit status: the command line itself is wrong (clap's convention).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: some inputs failed while others produced results.
+pub const EXIT_PARTIAL: u8 = 3;
+
+const AFTER_HELP: &str = "\
+Results go to stdout, logs to stderr.
+Exit codes: 0 success, 1 failure, 2 usage error, 3 some inputs failed (the others were processed).";
+
+/// pe-clip: driver facial-expression recognition with PE-CLIP.
+#[derive(Debug, Parser)]
+#[command(name = "pe-clip", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Less log output on stderr (-q errors only, -qq nothing).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
+    quiet: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Zero-shot expression recognition of clips with a plain CLIP model and the action-unit texts.
+    ZeroShot(zero_shot::Args),
+    /// Write an HF-layout CLIP directory with random weights (for benchmarks and tests).
+    InitRandom(init_random::Args),
+}
+
+/// The log level for `-v`/`-q` counts.
+pub fn log_level(verbose: u8, quiet: u8) -> log::LevelFilter {
+    match (verbose, quiet) {
+        (_, 1) => log::LevelFilter::Error,
+        (_, q) if q >= 2 => log::LevelFilter::Off,
+        (0, _) => log::LevelFilter::Warn,
+        (1, _) => log::LevelFilter::Info,
+        (2, _) => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    }
+}
+
+/// Parse the command line, run the subcommand and map the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { EXIT_OK });
+        }
+    };
+    env_logger::Builder::new()
+        .filter_level(log_level(cli.verbose, cli.quiet))
+        .format_timestamp(None)
+        .target(env_logger::Target::Stderr)
+        .init();
+    let result = match cli.command {
+        Command::ZeroShot(a) => zero_shot::run(a),
+        Command::InitRandom(a) => init_random::run(a),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// The error for subcommands that need the `train` feature in a build without it.
+#[cfg(not(feature = "train"))]
+pub(crate) fn built_without_train(cmd: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "`pe-clip {cmd}` needs the host model code: this binary was built without `train` \
+         (rebuild with `--features train`)"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn verbosity_maps_to_levels() {
+        assert_eq!(log_level(0, 0), log::LevelFilter::Warn);
+        assert_eq!(log_level(1, 0), log::LevelFilter::Info);
+        assert_eq!(log_level(0, 1), log::LevelFilter::Error);
+        assert_eq!(log_level(0, 2), log::LevelFilter::Off);
+        assert_eq!(log_level(5, 0), log::LevelFilter::Trace);
+    }
+}
