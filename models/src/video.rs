@@ -152,9 +152,16 @@ struct YuvLayout {
     full_range: bool,
 }
 
-/// Read every frame of a `.y4m` file (8-bit 4:2:0, 4:2:2, 4:4:4 or mono) as RGB.
-/// Returns the frames and the frames that could not be read.
-pub fn read_y4m(path: &Path) -> Result<(Vec<RgbImage>, Vec<SkippedFrame>)> {
+/// The raw frames of a `.y4m` file: each frame's planes (Y, then U, then V) as stored.
+struct RawY4m {
+    layout: YuvLayout,
+    frames: Vec<Vec<u8>>,
+    skipped: Vec<SkippedFrame>,
+}
+
+/// Read the raw frames of a `.y4m` file (8-bit 4:2:0, 4:2:2, 4:4:4 or mono). A frame that cannot
+/// be read (bad frame header, cut short by the end of the file) ends the stream and is reported.
+fn read_y4m_raw(path: &Path) -> Result<RawY4m> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut dec = y4m::Decoder::new(BufReader::new(file))
@@ -181,41 +188,63 @@ pub fn read_y4m(path: &Path) -> Result<(Vec<RgbImage>, Vec<SkippedFrame>)> {
     };
     let mut frames = Vec::new();
     let mut skipped = Vec::new();
+    let mut skip = |index: usize, reason: String| {
+        log::warn!(
+            "skipping unreadable frame {}#{index}: {reason}",
+            path.display()
+        );
+        skipped.push(SkippedFrame {
+            frame: format!("{}#{index}", path.display()),
+            reason,
+        });
+    };
     loop {
         match dec.read_frame() {
-            Ok(frame) => frames.push(yuv_to_rgb(&frame, layout)),
-            Err(y4m::Error::EOF) => break,
+            Ok(frame) => {
+                let mut raw = frame.get_y_plane().to_vec();
+                raw.extend_from_slice(frame.get_u_plane());
+                raw.extend_from_slice(frame.get_v_plane());
+                frames.push(raw);
+            }
+            Err(y4m::Error::EOF) => {
+                // The decoder reports a frame cut short by the end of the file as a clean end:
+                // compare the file length with what the frames read account for.
+                let expected = y4m_stream_len(path, &layout, frames.len())?;
+                if expected < file_len {
+                    let extra = file_len - expected;
+                    skip(
+                        frames.len(),
+                        format!("truncated frame ({extra} trailing bytes)"),
+                    );
+                }
+                break;
+            }
             Err(e) => {
-                let reason = format!("{e}; the rest of the stream is unreadable");
-                log::warn!(
-                    "skipping unreadable frame {}#{}: {reason}",
-                    path.display(),
-                    frames.len()
+                skip(
+                    frames.len(),
+                    format!("{e}; the rest of the stream is unreadable"),
                 );
-                skipped.push(SkippedFrame {
-                    frame: format!("{}#{}", path.display(), frames.len()),
-                    reason,
-                });
-                return Ok((frames, skipped));
+                break;
             }
         }
     }
-    // The decoder reports a frame cut short by the end of the file as a clean end: compare the
-    // file length with what the frames read account for.
-    let expected = y4m_stream_len(path, &layout, frames.len())?;
-    if expected < file_len {
-        let reason = format!("truncated frame ({} trailing bytes)", file_len - expected);
-        log::warn!(
-            "skipping unreadable frame {}#{}: {reason}",
-            path.display(),
-            frames.len()
-        );
-        skipped.push(SkippedFrame {
-            frame: format!("{}#{}", path.display(), frames.len()),
-            reason,
-        });
-    }
-    Ok((frames, skipped))
+    Ok(RawY4m {
+        layout,
+        frames,
+        skipped,
+    })
+}
+
+/// Read every frame of a `.y4m` file as RGB (converted in parallel), with the frames that could
+/// not be read.
+pub fn read_y4m(path: &Path) -> Result<(Vec<RgbImage>, Vec<SkippedFrame>)> {
+    let raw = read_y4m_raw(path)?;
+    let frames = raw
+        .frames
+        .par_iter()
+        .map(|f| yuv_to_rgb(f, raw.layout))
+        .collect();
+    Ok((frames, raw.skipped))
 }
 
 /// Bytes taken by the header and the first `n` frames (each with a bare `FRAME\n` header).
@@ -238,10 +267,14 @@ fn y4m_stream_len(path: &Path, layout: &YuvLayout, n: usize) -> Result<u64> {
     Ok(head.len() as u64 + 1 + n as u64 * (6 + (w * h + chroma) as u64))
 }
 
-fn yuv_to_rgb(frame: &y4m::Frame<'_>, l: YuvLayout) -> RgbImage {
+fn yuv_to_rgb(raw: &[u8], l: YuvLayout) -> RgbImage {
     let (w, h) = (l.width, l.height);
-    let yp = frame.get_y_plane();
-    let (up, vp) = (frame.get_u_plane(), frame.get_v_plane());
+    let chroma = match l.chroma_shift {
+        Some((sx, sy)) => w.div_ceil(1 << sx) * h.div_ceil(1 << sy),
+        None => 0,
+    };
+    let (yp, rest) = raw.split_at(w * h);
+    let (up, vp) = rest.split_at(chroma);
     let mut out = RgbImage::new(w as u32, h as u32);
     for y in 0..h {
         for x in 0..w {
@@ -277,20 +310,25 @@ fn to_u8(v: f32) -> u8 {
     v.round().clamp(0.0, 255.0) as u8
 }
 
+/// Sample a `.y4m` clip; only the sampled frames are converted to RGB (in parallel).
 fn load_sampled_y4m(path: &Path, segments: usize) -> Result<SampledClip> {
-    let (frames, skipped) = read_y4m(path)?;
-    let idx = test_indices(frames.len(), segments);
+    let raw = read_y4m_raw(path)?;
+    let idx = test_indices(raw.frames.len(), segments);
     if idx.is_empty() {
         return Err(Error::NoReadableFrames {
             path: path.to_path_buf(),
-            unreadable: skipped.into_iter().map(|s| s.frame).collect(),
+            unreadable: raw.skipped.into_iter().map(|s| s.frame).collect(),
         });
     }
+    let frames = idx
+        .par_iter()
+        .map(|&i| yuv_to_rgb(&raw.frames[i], raw.layout))
+        .collect();
     Ok(SampledClip {
         path: path.to_path_buf(),
-        frames: idx.iter().map(|&i| frames[i].clone()).collect(),
-        readable_frames: frames.len(),
-        skipped,
+        frames,
+        readable_frames: raw.frames.len(),
+        skipped: raw.skipped,
     })
 }
 
@@ -372,6 +410,36 @@ mod tests {
         );
         let empty = tempfile::tempdir().unwrap();
         assert!(load_sampled_clip(empty.path(), 16).is_err());
+    }
+
+    /// 4:2:0 limited-range BT.601 with odd sizes: Y=81, Cb=90, Cr=240 is pure red.
+    #[test]
+    fn y4m_420_limited_range_red() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("red.y4m");
+        let (w, h) = (5usize, 3usize);
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        let (y, u, v) = (vec![81u8; w * h], vec![90u8; cw * ch], vec![240u8; cw * ch]);
+        let mut bytes = Vec::new();
+        {
+            let mut enc = y4m::encode(w, h, y4m::Ratio::new(30, 1))
+                .with_colorspace(y4m::Colorspace::C420jpeg)
+                .write_header(&mut bytes)
+                .unwrap();
+            for _ in 0..3 {
+                enc.write_frame(&y4m::Frame::new([&y, &u, &v], None))
+                    .unwrap();
+            }
+        }
+        std::fs::write(&p, &bytes).unwrap();
+        let (frames, skipped) = read_y4m(&p).unwrap();
+        assert!(skipped.is_empty());
+        assert_eq!(frames.len(), 3);
+        assert_eq!((frames[0].width(), frames[0].height()), (5, 3));
+        for px in frames[2].pixels() {
+            let [r, g, b] = px.0;
+            assert!(r >= 252 && g <= 3 && b <= 3, "{:?}", px.0);
+        }
     }
 
     #[test]

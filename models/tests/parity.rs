@@ -168,4 +168,42 @@ mod model {
         }
         assert_eq!(checked.len(), 4);
     }
+
+    /// Checkpoints stored in f16 or bf16 load as f32 and give the same features up to the
+    /// precision of the stored weights.
+    #[test]
+    fn half_precision_checkpoints_load() {
+        use candle_core::DType;
+        let src = fixture().join("model");
+        let want = ClipModel::load(&src, &Device::Cpu).unwrap();
+        let ids = vec![
+            pe_clip_models::tokenizer::ClipTokenizer::embedded()
+                .unwrap()
+                .tokenize("Cheek Raiser, Lip Corner Puller.")
+                .0,
+        ];
+        let want = want.text_features(&ids).unwrap();
+        for (dtype, tol) in [(DType::F16, 2e-2), (DType::BF16, 1e-1)] {
+            let dir = tempfile::tempdir().unwrap();
+            for f in ["config.json", "vocab.json", "merges.txt"] {
+                std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+            }
+            let tensors =
+                candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu)
+                    .unwrap();
+            let half: HashMap<String, candle_core::Tensor> = tensors
+                .into_iter()
+                .map(|(k, t)| (k, t.to_dtype(dtype).unwrap()))
+                .collect();
+            candle_core::safetensors::save(&half, dir.path().join("model.safetensors")).unwrap();
+            let got = ClipModel::load(dir.path(), &Device::Cpu)
+                .unwrap()
+                .text_features(&ids)
+                .unwrap();
+            let a = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let d = max_abs_diff(&a, &b);
+            assert!(d > 0.0 && d < tol, "{dtype:?}: features differ by {d}");
+        }
+    }
 }

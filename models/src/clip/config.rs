@@ -172,12 +172,20 @@ impl ClipConfig {
     /// Read `config.json` from an HF model directory and validate it.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: ClipConfig = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            err: e,
-        })?;
-        cfg.validate()
-            .map_err(|e| Error::invalid(path, e.to_string()))?;
+        Self::from_json_str(&text).map_err(|e| match e {
+            Error::Config(reason) => Error::invalid(path, reason),
+            other => other,
+        })
+    }
+
+    /// Parse `config.json` text (tolerant, with the `*_config_dict` overrides applied).
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let mut v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::Config(format!("invalid json: {e}")))?;
+        merge_config_dicts(&mut v);
+        let cfg: ClipConfig =
+            serde_json::from_value(v).map_err(|e| Error::Config(e.to_string()))?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -243,5 +251,64 @@ impl ClipConfig {
             )));
         }
         Ok(())
+    }
+}
+
+/// Older HF CLIP configs carry `text_config_dict` / `vision_config_dict` next to `text_config` /
+/// `vision_config`; HF's `CLIPConfig` lets the `_dict` values win. Do the same.
+fn merge_config_dicts(v: &mut serde_json::Value) {
+    for (cfg, dict) in [
+        ("text_config", "text_config_dict"),
+        ("vision_config", "vision_config_dict"),
+    ] {
+        let Some(serde_json::Value::Object(overrides)) = v.get(dict).cloned() else {
+            continue;
+        };
+        if !v.get(cfg).is_some_and(serde_json::Value::is_object) {
+            v[cfg] = serde_json::json!({});
+        }
+        if let Some(target) = v[cfg].as_object_mut() {
+            target.extend(overrides);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape of `openai/clip-vit-base-patch16`'s config.json: full sub-configs with many
+    /// fields pe-clip ignores, some null, plus `_dict` overrides.
+    #[test]
+    fn parses_hf_style_config_with_dict_overrides() {
+        let text = r#"{
+          "architectures": ["CLIPModel"], "initializer_factor": 1.0,
+          "logit_scale_init_value": 2.6592, "model_type": "clip", "projection_dim": 512,
+          "text_config": {"architectures": null, "bos_token_id": 0, "eos_token_id": 2,
+            "hidden_act": "quick_gelu", "hidden_size": 512, "intermediate_size": 2048,
+            "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "num_attention_heads": 8,
+            "num_hidden_layers": 12, "vocab_size": 49408, "id2label": {"0": "LABEL_0"}},
+          "text_config_dict": {"hidden_act": "quick_gelu"},
+          "vision_config": {"hidden_act": "quick_gelu", "hidden_size": 768, "image_size": 224,
+            "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+            "patch_size": 32, "prefix": null},
+          "vision_config_dict": {"hidden_act": "quick_gelu", "patch_size": 16},
+          "torch_dtype": "float32", "transformers_version": null
+        }"#;
+        let cfg = ClipConfig::from_json_str(text).unwrap();
+        assert_eq!(cfg, ClipConfig::preset(Arch::VitB16));
+        assert_eq!(cfg.vision_config.num_patches(), 196);
+    }
+
+    #[test]
+    fn rejects_inconsistent_sizes() {
+        for bad in [
+            r#"{"vision_config": {"image_size": 225, "patch_size": 16}}"#,
+            r#"{"text_config": {"hidden_size": 100, "num_attention_heads": 8}}"#,
+            r#"{"projection_dim": 0}"#,
+            r#"{"vision_config": {"hidden_act": "relu"}}"#,
+        ] {
+            assert!(ClipConfig::from_json_str(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorInfo};
 
 use crate::error::{Error, Result};
@@ -75,7 +75,7 @@ impl Weights {
         self.infos.get(key).map(|i| i.shape.as_slice())
     }
 
-    /// Load `key` as f32, checking that its shape is `expected`.
+    /// Load `key` (stored as f32, f16 or bf16) as f32, checking that its shape is `expected`.
     pub fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
         let info = self.infos.get(key).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
@@ -89,11 +89,23 @@ impl Weights {
                 found: info.shape.clone(),
             });
         }
-        let dtype = match info.dtype {
-            Dtype::F32 => DType::F32,
-            Dtype::F16 => DType::F16,
-            Dtype::BF16 => DType::BF16,
-            Dtype::F64 => DType::F64,
+        let start = 8 + self.header_len;
+        let bytes = &self.mmap[start + info.data_offsets.0..start + info.data_offsets.1];
+        // One copy from the mapping into the tensor's own buffer, whatever the stored dtype and
+        // alignment.
+        let data: Vec<f32> = match info.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             other => {
                 return Err(Error::UnsupportedDtype {
                     path: self.path.clone(),
@@ -102,14 +114,7 @@ impl Weights {
                 })
             }
         };
-        let start = 8 + self.header_len;
-        let bytes = &self.mmap[start + info.data_offsets.0..start + info.data_offsets.1];
-        let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &self.device)?;
-        Ok(if dtype == DType::F32 {
-            t
-        } else {
-            t.to_dtype(DType::F32)?
-        })
+        Ok(Tensor::from_vec(data, info.shape.as_slice(), &self.device)?)
     }
 }
 
