@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use super::attention::Attention;
-use super::config::HiddenAct;
+use super::config::{HiddenAct, TextConfig, VisionConfig};
 use super::layers::LayerNorm;
 use super::mlp::Mlp;
 use super::weights::Vb;
@@ -18,6 +18,24 @@ pub struct BlockDims {
     pub act: HiddenAct,
     pub eps: f64,
 }
+
+macro_rules! block_dims_from {
+    ($cfg:ty) => {
+        impl From<&$cfg> for BlockDims {
+            fn from(c: &$cfg) -> Self {
+                Self {
+                    dim: c.hidden_size,
+                    hidden: c.intermediate_size,
+                    heads: c.num_attention_heads,
+                    act: c.hidden_act,
+                    eps: c.layer_norm_eps,
+                }
+            }
+        }
+    };
+}
+block_dims_from!(TextConfig);
+block_dims_from!(VisionConfig);
 
 /// `x = x + attn(ln1(x)); x = x + mlp(ln2(x))`, `[B, L, D]` in and out.
 #[derive(Debug, Clone)]

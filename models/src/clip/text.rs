@@ -27,13 +27,7 @@ impl TextTower {
     /// Load `text_model.*` and `text_projection.weight` from the root view.
     pub fn new(c: &TextConfig, projection_dim: usize, root: &Vb<'_>) -> Result<Self> {
         let vb = root.pp("text_model");
-        let dims = BlockDims {
-            dim: c.hidden_size,
-            hidden: c.intermediate_size,
-            heads: c.num_attention_heads,
-            act: c.hidden_act,
-            eps: c.layer_norm_eps,
-        };
+        let dims = BlockDims::from(c);
         Ok(Self {
             token_embedding: vb.get(
                 "embeddings.token_embedding.weight",

@@ -75,13 +75,7 @@ impl VisionTower {
     /// Load `vision_model.*` and `visual_projection.weight` from the root view.
     pub fn new(c: &VisionConfig, projection_dim: usize, root: &Vb<'_>) -> Result<Self> {
         let vb = root.pp("vision_model");
-        let dims = BlockDims {
-            dim: c.hidden_size,
-            hidden: c.intermediate_size,
-            heads: c.num_attention_heads,
-            act: c.hidden_act,
-            eps: c.layer_norm_eps,
-        };
+        let dims = BlockDims::from(c);
         Ok(Self {
             embeddings: VisionEmbeddings::new(c, &vb.pp("embeddings"))?,
             pre_layrnorm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, &vb.pp("pre_layrnorm"))?,
