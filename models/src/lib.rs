@@ -17,6 +17,8 @@ pub mod video;
 #[cfg(feature = "train")]
 pub mod clip;
 #[cfg(feature = "train")]
+pub mod peclip;
+#[cfg(feature = "train")]
 pub mod zero_shot;
 
 pub use classes::{ClassSet, ClassText};

@@ -299,12 +299,19 @@ impl ClipTokenizer {
     /// `[SOT] + ids + [EOT]`, truncated to [`CONTEXT_LENGTH`] (the last token stays EOT) and padded
     /// with [`pad_id`](Self::pad_id); also returns the index of the EOT token.
     pub fn tokenize(&self, text: &str) -> (Vec<u32>, usize) {
-        let mut ids = Vec::with_capacity(CONTEXT_LENGTH);
+        self.tokenize_padded(text, CONTEXT_LENGTH, self.pad)
+    }
+
+    /// Like [`tokenize`](Self::tokenize) with an explicit context length and pad id (OpenAI's
+    /// `clip.tokenize` pads with 0).
+    pub fn tokenize_padded(&self, text: &str, context: usize, pad: u32) -> (Vec<u32>, usize) {
+        let context = context.max(2);
+        let mut ids = Vec::with_capacity(context);
         ids.push(self.sot);
-        ids.extend(self.encode(text).into_iter().take(CONTEXT_LENGTH - 2));
+        ids.extend(self.encode(text).into_iter().take(context - 2));
         let eot_index = ids.len();
         ids.push(self.eot);
-        ids.resize(CONTEXT_LENGTH, self.pad);
+        ids.resize(context, pad);
         (ids, eot_index)
     }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod encoder;
 pub mod layers;
 pub mod mlp;
+pub mod openai;
 pub mod random;
 pub mod text;
 pub mod vision;
@@ -46,6 +47,26 @@ impl ClipModel {
         let config = load_config(dir)?;
         let weights = Weights::open(&weights_path(dir)?, device)?;
         Self::from_weights(config, &weights)
+    }
+
+    /// Load a backbone from either an HF directory or a safetensors file in the original OpenAI
+    /// layout (sizes inferred from the shapes; `heads` where the shapes cannot tell).
+    pub fn load_any(path: &Path, heads: openai::HeadOverrides, device: &Device) -> Result<Self> {
+        if path.is_dir() {
+            return Self::load(path, device);
+        }
+        let weights = Weights::open(path, device)?;
+        let prefix = openai::find_openai_prefix(&weights).ok_or_else(|| {
+            Error::invalid(
+                path,
+                format!(
+                    "neither an HF model directory nor an OpenAI-layout state dict (no `{}`)",
+                    openai::OPENAI_MARKER
+                ),
+            )
+        })?;
+        let cfg = openai::infer_config(&weights, &prefix, heads)?;
+        openai::load_openai(&weights, &prefix, cfg)
     }
 
     /// Build from an already opened weights file.
@@ -107,7 +128,7 @@ pub fn weights_path(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Read a scalar tensor (shape `[]` or `[1]`) as f32.
-fn read_scalar(w: &Weights, key: &str) -> Result<f32> {
+pub(crate) fn read_scalar(w: &Weights, key: &str) -> Result<f32> {
     let shape = w
         .shape_of(key)
         .map(<[usize]>::to_vec)

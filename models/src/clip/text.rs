@@ -85,13 +85,20 @@ impl TextTower {
     /// Run the blocks on embedded tokens `[C, L, D]` and pool the row `eot[c]` of each text:
     /// projected features `[C, E]`.
     pub fn forward_embedded(&self, x: &Tensor, eot: &[usize]) -> Result<Tensor> {
-        let (c, l, d) = x.dims3()?;
+        let l = x.dim(1)?;
         let mask = causal_mask(l, x.device())?;
         let mut x = x.clone();
         for layer in &self.layers {
             x = layer.forward(&x, Some(&mask))?;
         }
-        let x = self.final_layer_norm.forward(&x)?;
+        self.pool(&x, eot)
+    }
+
+    /// `final_layer_norm`, the row `eot[c]` of each text, and `text_projection`: `[C, L, D]` to
+    /// `[C, E]`.
+    pub fn pool(&self, x: &Tensor, eot: &[usize]) -> Result<Tensor> {
+        let (c, l, d) = x.dims3()?;
+        let x = self.final_layer_norm.forward(x)?;
         let rows: Vec<u32> = eot
             .iter()
             .enumerate()

@@ -103,6 +103,11 @@ impl VisionTower {
         for layer in &self.layers {
             x = layer.forward(&x, None)?;
         }
+        self.pool(&x)
+    }
+
+    /// `post_layernorm` of the class token and `visual_projection`: `[N, L, D]` to `[N, E]`.
+    pub fn pool(&self, x: &Tensor) -> Result<Tensor> {
         let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
         self.projection.forward(&self.post_layernorm.forward(&cls)?)
     }

@@ -1,0 +1,293 @@
+//! The PE-CLIP model: a frozen CLIP backbone with ShA/TDA in the vision blocks, ShA/TA in the text
+//! blocks and MaPLe prompts (reference sections 2 to 4).
+
+use candle_core::{Tensor, D};
+
+use super::adapter::{Adapter, CellState, TemporalAdapter};
+use super::config::PeClipConfig;
+use super::params::{trainable_specs, Trainables};
+use super::prompt::PromptLearner;
+use crate::classes::ClassSet;
+use crate::clip::attention::causal_mask;
+use crate::clip::encoder::EncoderLayer;
+use crate::clip::ClipModel;
+use crate::error::{Error, Result};
+use crate::tokenizer::ClipTokenizer;
+use crate::zero_shot::l2_normalize;
+
+/// How the TDA recurrences run over a batch of videos.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GruMode {
+    /// Each video's T frames from h0 = 0 (the project's defined semantics).
+    #[default]
+    PerVideo,
+    /// One recurrence over all B·T frames of the batch, video after video (the authors' code; for
+    /// comparison only).
+    BatchCarry,
+}
+
+/// Adapters of one vision block.
+#[derive(Debug, Clone)]
+pub struct VisionAdapters {
+    pub shared: Option<Adapter>,
+    pub temporal: Option<TemporalAdapter>,
+}
+
+/// Adapters of one text block.
+#[derive(Debug, Clone)]
+pub struct TextAdapters {
+    pub shared: Option<Adapter>,
+    pub text: Option<Adapter>,
+}
+
+/// PE-CLIP over a frozen backbone.
+#[derive(Debug, Clone)]
+pub struct PeClip {
+    pub config: PeClipConfig,
+    pub clip: ClipModel,
+    pub trainables: Trainables,
+    pub classes: ClassSet,
+    pub vision_adapters: Vec<VisionAdapters>,
+    pub text_adapters: Vec<TextAdapters>,
+    pub prompts: Option<PromptLearner>,
+    /// Token ids of the class texts, `[C][context]`, padded with 0 as OpenAI's tokenizer does.
+    pub class_ids: Vec<Vec<u32>>,
+    /// End-of-text row of each class text.
+    pub class_eot: Vec<usize>,
+}
+
+impl PeClip {
+    /// Assemble the model; `trainables` must hold exactly the tensors `config` asks for.
+    pub fn new(
+        config: PeClipConfig,
+        clip: ClipModel,
+        trainables: Trainables,
+        classes: ClassSet,
+        tokenizer: &ClipTokenizer,
+    ) -> Result<Self> {
+        config.validate(&clip.config)?;
+        let want = trainable_specs(&config, &clip.config);
+        if want != trainables.specs {
+            return Err(Error::Config(
+                "the trainable tensors do not match the PE-CLIP config and backbone".into(),
+            ));
+        }
+        let a = &config.adapters;
+        let vision_adapters = (0..clip.config.vision_config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("visual.transformer.resblocks.{i}");
+                Ok(VisionAdapters {
+                    shared: a
+                        .vision_shared
+                        .then(|| Adapter::new(&trainables, &format!("{p}.adapter_pre_attn")))
+                        .transpose()?,
+                    temporal: a
+                        .temporal
+                        .then(|| {
+                            TemporalAdapter::new(
+                                &trainables,
+                                &format!("{p}.adapter_pre_mlp"),
+                                config.temporal_cell,
+                                config.scale_at,
+                            )
+                        })
+                        .transpose()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let text_adapters = (0..clip.config.text_config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("transformer.resblocks.{i}");
+                Ok(TextAdapters {
+                    shared: a
+                        .text_shared
+                        .then(|| Adapter::new(&trainables, &format!("{p}.adapter_pre_attn")))
+                        .transpose()?,
+                    text: a
+                        .text
+                        .then(|| Adapter::new(&trainables, &format!("{p}.adapter_pre_mlp")))
+                        .transpose()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let prompts = config
+            .prompts
+            .enabled
+            .then(|| PromptLearner::new(&trainables, config.prompts.depth))
+            .transpose()?;
+        let context = clip.config.text_config.max_position_embeddings;
+        let (class_ids, class_eot): (Vec<_>, Vec<_>) = classes
+            .descriptors()
+            .iter()
+            .map(|d| tokenizer.tokenize_padded(&config.class_text(d), context, 0))
+            .unzip();
+        Ok(Self {
+            config,
+            clip,
+            trainables,
+            classes,
+            vision_adapters,
+            text_adapters,
+            prompts,
+            class_ids,
+            class_eot,
+        })
+    }
+
+    /// Projected text features of the classes `[C, E]` (not normalised).
+    pub fn text_features(&self) -> Result<Tensor> {
+        let text = &self.clip.text;
+        let mut x = text.embed(&self.class_ids, &self.clip.device)?;
+        let (c, l, d) = x.dims3()?;
+        let prompts = match &self.prompts {
+            Some(p) => p.text_prompts()?,
+            None => Vec::new(),
+        };
+        let n = match &self.prompts {
+            Some(p) => p.tokens()?,
+            None => 0,
+        };
+        if let Some(ctx) = prompts.first() {
+            let pos = text.position_embedding.narrow(0, 1, n)?;
+            let ctx = (ctx + pos)?.unsqueeze(0)?.broadcast_as((c, n, d))?;
+            x = Tensor::cat(
+                &[&x.narrow(1, 0, 1)?, &ctx, &x.narrow(1, 1 + n, l - 1 - n)?],
+                1,
+            )?;
+        }
+        let mask = causal_mask(l, x.device())?;
+        for (i, (layer, ad)) in text.layers.iter().zip(&self.text_adapters).enumerate() {
+            if i >= 1 && i < prompts.len() {
+                let p = prompts[i].unsqueeze(0)?.broadcast_as((c, n, d))?;
+                x = Tensor::cat(
+                    &[&x.narrow(1, 0, 1)?, &p, &x.narrow(1, 1 + n, l - 1 - n)?],
+                    1,
+                )?;
+            }
+            x = text_block(layer, ad, &x, &mask)?;
+        }
+        text.pool(&x, &self.class_eot)
+    }
+
+    /// Number of token rows per frame in the vision stream (CLS, patches, prompt rows).
+    pub fn vision_rows(&self) -> usize {
+        let prompt_rows = if self.config.prompts.enabled {
+            self.config.prompts.tokens
+        } else {
+            0
+        };
+        1 + self.clip.config.vision_config.num_patches() + prompt_rows
+    }
+
+    /// Tokens entering block 0: `ln_pre([CLS; patches; fp16(P_v^0)] + pos)`, `[N, L, Dv]`.
+    pub fn vision_input(&self, pixels: &Tensor, vprompts: &[Tensor]) -> Result<Tensor> {
+        let vision = &self.clip.vision;
+        let mut x = vision.embeddings.forward(pixels)?;
+        if let Some(p0) = vprompts.first() {
+            let (n, _, d) = x.dims3()?;
+            let rows = p0.dim(0)?;
+            x = Tensor::cat(&[&x, &p0.unsqueeze(0)?.broadcast_as((n, rows, d))?], 1)?;
+        }
+        vision.pre_layrnorm.forward(&x)
+    }
+
+    /// Vision block `i` on `x` `[S·T, L, Dv]` (S sequences of T frames): prompt insertion,
+    /// attention + ShA, MLP + TDA. `state` is the TDA state to start from (None: zeros).
+    pub fn vision_block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        vprompts: &[Tensor],
+        sequences: usize,
+        state: Option<CellState>,
+    ) -> Result<(Tensor, Option<CellState>)> {
+        let mut x = x.clone();
+        if i >= 1 && i < vprompts.len() {
+            let (n, l, d) = x.dims3()?;
+            let rows = vprompts[i].dim(0)?;
+            let p = vprompts[i].unsqueeze(0)?.broadcast_as((n, rows, d))?;
+            x = Tensor::cat(&[&x.narrow(1, 0, l - rows)?, &p], 1)?;
+        }
+        let layer = &self.clip.vision.layers[i];
+        let ad = &self.vision_adapters[i];
+        let a = layer
+            .self_attn
+            .forward(&layer.layer_norm1.forward(&x)?, None)?;
+        let a = match &ad.shared {
+            Some(s) => (&a + s.delta(&a)?)?,
+            None => a,
+        };
+        let x = (x + a)?;
+        let m = layer.mlp.forward(&layer.layer_norm2.forward(&x)?)?;
+        let (m, state) = match &ad.temporal {
+            Some(t) => t.forward(&m, sequences, state)?,
+            None => (m, None),
+        };
+        Ok(((x + m)?, state))
+    }
+
+    /// The vision prompts of every depth (empty without prompts).
+    pub fn vision_prompts(&self) -> Result<Vec<Tensor>> {
+        match &self.prompts {
+            Some(p) => p.vision_prompts(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Projected per-frame features `[B·T, E]` of `videos` `[B, T, 3, S, S]`.
+    pub fn frame_features(&self, videos: &Tensor, mode: GruMode) -> Result<Tensor> {
+        let (b, t, c, h, w) = videos.dims5()?;
+        let pixels = videos.reshape((b * t, c, h, w))?;
+        let sequences = match mode {
+            GruMode::PerVideo => b,
+            GruMode::BatchCarry => 1,
+        };
+        let vprompts = self.vision_prompts()?;
+        let mut x = self.vision_input(&pixels, &vprompts)?;
+        for i in 0..self.clip.vision.layers.len() {
+            x = self.vision_block(i, &x, &vprompts, sequences, None)?.0;
+        }
+        self.clip.vision.pool(&x)
+    }
+
+    /// `logit_scale · cos(v̂, t̂)` for video features `[B, E]` (not normalised) against
+    /// normalised text features `[C, E]`.
+    pub fn logits_from(&self, video: &Tensor, text_normalized: &Tensor) -> Result<Tensor> {
+        let v = l2_normalize(video)?;
+        Ok((v.matmul(&text_normalized.t()?)? * f64::from(self.config.logit_scale))?)
+    }
+
+    /// Logits `[B, C]` of `videos` `[B, T, 3, S, S]`: mean over frames of the projected features,
+    /// L2-normalised, cosine with the normalised class features, times the logit scale.
+    pub fn forward(&self, videos: &Tensor, mode: GruMode) -> Result<Tensor> {
+        let (b, t, _, _, _) = videos.dims5()?;
+        let feats = self.frame_features(videos, mode)?;
+        let e = feats.dim(D::Minus1)?;
+        let video = feats.reshape((b, t, e))?.mean(1)?;
+        let text = l2_normalize(&self.text_features()?)?;
+        self.logits_from(&video, &text)
+    }
+}
+
+/// One text block with ShA and TA (reference 3.3).
+fn text_block(
+    layer: &EncoderLayer,
+    ad: &TextAdapters,
+    x: &Tensor,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let a = layer
+        .self_attn
+        .forward(&layer.layer_norm1.forward(x)?, Some(mask))?;
+    let a = match &ad.shared {
+        Some(s) => (&a + s.delta(&a)?)?,
+        None => a,
+    };
+    let x = (x + a)?;
+    let m = layer.mlp.forward(&layer.layer_norm2.forward(&x)?)?;
+    let m = match &ad.text {
+        Some(t) => (&m + t.delta(&m)?)?,
+        None => m,
+    };
+    Ok((x + m)?)
+}

@@ -1,0 +1,384 @@
+//! The trainable tensors of PE-CLIP: their names (the reference checkpoint's names, so that
+//! checkpoints trained with the authors' code import as they are), shapes, initialisation, and the
+//! parameter-count breakdown. One list drives initialisation, loading and counting.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor, Var};
+use serde::Serialize;
+
+use super::config::{PeClipConfig, TemporalCell};
+use crate::clip::random::SeededNormal;
+use crate::clip::weights::Weights;
+use crate::clip::ClipConfig;
+use crate::error::{Error, Result};
+
+/// How a trainable tensor starts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamInit {
+    /// A constant.
+    Const(f32),
+    /// N(0, std²).
+    Normal(f32),
+    /// U(-bound, bound). PyTorch's default `nn.Linear` init and `kaiming_uniform_(a=√5)` are both
+    /// `1/√fan_in`; its GRU/RNN/LSTM default is `1/√hidden`.
+    Uniform(f32),
+    /// The same values as another tensor (MaPLe's deep projections are deep copies of one Linear).
+    CopyOf(String),
+}
+
+/// Which part of the model a tensor belongs to (for the breakdown and the optimiser groups).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    VisionShared,
+    Temporal,
+    TextShared,
+    Text,
+    PromptContext,
+    PromptProjection,
+    DeepPrompts,
+    DeepProjections,
+}
+
+impl Part {
+    /// Adapters and prompts get different learning rates.
+    pub fn is_adapter(self) -> bool {
+        matches!(
+            self,
+            Part::VisionShared | Part::Temporal | Part::TextShared | Part::Text
+        )
+    }
+}
+
+/// One trainable tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: ParamInit,
+    pub part: Part,
+}
+
+impl ParamSpec {
+    /// Number of values.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+fn linear(
+    out: &mut Vec<ParamSpec>,
+    name: &str,
+    i: usize,
+    o: usize,
+    part: Part,
+    w: ParamInit,
+    b: ParamInit,
+) {
+    out.push(ParamSpec {
+        name: format!("{name}.weight"),
+        shape: vec![o, i],
+        init: w,
+        part,
+    });
+    out.push(ParamSpec {
+        name: format!("{name}.bias"),
+        shape: vec![o],
+        init: b,
+        part,
+    });
+}
+
+/// A PyTorch-default Linear (weight and bias U(±1/√fan_in)).
+fn default_linear(out: &mut Vec<ParamSpec>, name: &str, i: usize, o: usize, part: Part) {
+    let bound = 1.0 / (i as f32).sqrt();
+    linear(
+        out,
+        name,
+        i,
+        o,
+        part,
+        ParamInit::Uniform(bound),
+        ParamInit::Uniform(bound),
+    );
+}
+
+/// Every trainable tensor of `cfg` on a backbone of `clip`'s sizes, in a fixed order.
+pub fn trainable_specs(cfg: &PeClipConfig, clip: &ClipConfig) -> Vec<ParamSpec> {
+    let mut out = Vec::new();
+    let (dv, dt) = (clip.vision_config.hidden_size, clip.text_config.hidden_size);
+    let (bv, bt) = (cfg.vision_bottleneck(clip), cfg.text_bottleneck(clip));
+    let a = &cfg.adapters;
+    for i in 0..clip.vision_config.num_hidden_layers {
+        let p = format!("visual.transformer.resblocks.{i}");
+        if a.vision_shared {
+            default_linear(
+                &mut out,
+                &format!("{p}.adapter_pre_attn.down_proj"),
+                dv,
+                bv,
+                Part::VisionShared,
+            );
+            default_linear(
+                &mut out,
+                &format!("{p}.adapter_pre_attn.up_proj"),
+                bv,
+                dv,
+                Part::VisionShared,
+            );
+        }
+        if a.temporal {
+            let t = format!("{p}.adapter_pre_mlp");
+            let part = Part::Temporal;
+            if cfg.temporal_cell == TemporalCell::None {
+                default_linear(&mut out, &format!("{t}.down_proj"), dv, bv, part);
+                default_linear(&mut out, &format!("{t}.up_proj"), bv, dv, part);
+                continue;
+            }
+            let kaiming = ParamInit::Uniform(1.0 / (dv as f32).sqrt());
+            for (name, init) in [("weight", 1.0), ("bias", 0.0)] {
+                out.push(ParamSpec {
+                    name: format!("{t}.adapter_layer_norm_before.{name}"),
+                    shape: vec![dv],
+                    init: ParamInit::Const(init),
+                    part,
+                });
+            }
+            linear(
+                &mut out,
+                &format!("{t}.scale"),
+                dv,
+                1,
+                part,
+                kaiming.clone(),
+                ParamInit::Const(0.0),
+            );
+            linear(
+                &mut out,
+                &format!("{t}.down_proj"),
+                dv,
+                bv,
+                part,
+                kaiming,
+                ParamInit::Const(0.0),
+            );
+            let gates = match cfg.temporal_cell {
+                TemporalCell::Gru => 3,
+                TemporalCell::Lstm => 4,
+                TemporalCell::Rnn | TemporalCell::None => 1,
+            };
+            let cell = ParamInit::Uniform(1.0 / (bv as f32).sqrt());
+            for (name, shape) in [
+                ("weight_ih_l0", vec![gates * bv, bv]),
+                ("weight_hh_l0", vec![gates * bv, bv]),
+                ("bias_ih_l0", vec![gates * bv]),
+                ("bias_hh_l0", vec![gates * bv]),
+            ] {
+                out.push(ParamSpec {
+                    name: format!("{t}.rnn.{name}"),
+                    shape,
+                    init: cell.clone(),
+                    part,
+                });
+            }
+            linear(
+                &mut out,
+                &format!("{t}.up_proj"),
+                bv,
+                dv,
+                part,
+                ParamInit::Const(0.0),
+                ParamInit::Const(0.0),
+            );
+        }
+    }
+    for i in 0..clip.text_config.num_hidden_layers {
+        let p = format!("transformer.resblocks.{i}");
+        if a.text_shared {
+            default_linear(
+                &mut out,
+                &format!("{p}.adapter_pre_attn.down_proj"),
+                dt,
+                bt,
+                Part::TextShared,
+            );
+            default_linear(
+                &mut out,
+                &format!("{p}.adapter_pre_attn.up_proj"),
+                bt,
+                dt,
+                Part::TextShared,
+            );
+        }
+        if a.text {
+            default_linear(
+                &mut out,
+                &format!("{p}.adapter_pre_mlp.down_proj"),
+                dt,
+                bt,
+                Part::Text,
+            );
+            default_linear(
+                &mut out,
+                &format!("{p}.adapter_pre_mlp.up_proj"),
+                bt,
+                dt,
+                Part::Text,
+            );
+        }
+    }
+    if cfg.prompts.enabled {
+        let n = cfg.prompts.tokens;
+        out.push(ParamSpec {
+            name: "prompt_learner.ctx".into(),
+            shape: vec![n, dt],
+            init: ParamInit::Normal(0.02),
+            part: Part::PromptContext,
+        });
+        default_linear(
+            &mut out,
+            "prompt_learner.proj",
+            dt,
+            dv,
+            Part::PromptProjection,
+        );
+        for j in 0..cfg.prompts.depth - 1 {
+            out.push(ParamSpec {
+                name: format!("prompt_learner.compound_prompts_text.{j}"),
+                shape: vec![n, dt],
+                init: ParamInit::Normal(0.02),
+                part: Part::DeepPrompts,
+            });
+        }
+        for j in 0..cfg.prompts.depth - 1 {
+            let name = format!("prompt_learner.compound_prompt_projections.{j}");
+            if j == 0 {
+                default_linear(&mut out, &name, dt, dv, Part::DeepProjections);
+            } else {
+                let first = "prompt_learner.compound_prompt_projections.0";
+                linear(
+                    &mut out,
+                    &name,
+                    dt,
+                    dv,
+                    Part::DeepProjections,
+                    ParamInit::CopyOf(format!("{first}.weight")),
+                    ParamInit::CopyOf(format!("{first}.bias")),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Parameter counts per part and in total.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParamBreakdown {
+    pub parts: BTreeMap<Part, usize>,
+    pub adapters: usize,
+    pub prompt_learner: usize,
+    pub trainable_total: usize,
+    pub frozen_backbone: usize,
+}
+
+/// Count the trainable tensors of `cfg` (and the frozen backbone) without building anything.
+pub fn breakdown(cfg: &PeClipConfig, clip: &ClipConfig) -> ParamBreakdown {
+    let mut parts = BTreeMap::new();
+    for s in trainable_specs(cfg, clip) {
+        *parts.entry(s.part).or_insert(0) += s.numel();
+    }
+    let adapters = parts
+        .iter()
+        .filter(|(p, _)| p.is_adapter())
+        .map(|(_, n)| n)
+        .sum();
+    let prompt_learner = parts
+        .iter()
+        .filter(|(p, _)| !p.is_adapter())
+        .map(|(_, n)| n)
+        .sum();
+    let frozen_backbone = crate::clip::random::tensor_specs(clip)
+        .iter()
+        .map(|(_, s, _)| s.iter().product::<usize>())
+        .sum();
+    ParamBreakdown {
+        parts,
+        adapters,
+        prompt_learner,
+        trainable_total: adapters + prompt_learner,
+        frozen_backbone,
+    }
+}
+
+/// The trainable tensors as candle variables, by name.
+#[derive(Debug, Clone)]
+pub struct Trainables {
+    pub specs: Vec<ParamSpec>,
+    vars: BTreeMap<String, Var>,
+}
+
+impl Trainables {
+    /// Fresh values from the reference initialisation, deterministic for `seed`.
+    pub fn init(specs: Vec<ParamSpec>, seed: u64, device: &Device) -> Result<Self> {
+        let mut rng = SeededNormal::new(seed);
+        let mut vars: BTreeMap<String, Var> = BTreeMap::new();
+        for s in &specs {
+            let n = s.numel();
+            let t = match &s.init {
+                ParamInit::Const(c) => Tensor::full(*c, s.shape.as_slice(), device)?,
+                ParamInit::Normal(std) => {
+                    let v: Vec<f32> = (0..n).map(|_| rng.normal() * std).collect();
+                    Tensor::from_vec(v, s.shape.as_slice(), device)?
+                }
+                ParamInit::Uniform(b) => {
+                    let v: Vec<f32> = (0..n)
+                        .map(|_| ((rng.uniform() * 2.0 - 1.0) as f32) * b)
+                        .collect();
+                    Tensor::from_vec(v, s.shape.as_slice(), device)?
+                }
+                ParamInit::CopyOf(other) => vars
+                    .get(other)
+                    .ok_or_else(|| Error::Config(format!("{} copies unknown {other}", s.name)))?
+                    .as_tensor()
+                    .copy()?,
+            };
+            vars.insert(s.name.clone(), Var::from_tensor(&t)?);
+        }
+        Ok(Self { specs, vars })
+    }
+
+    /// Values read from `weights` under `prefix` (e.g. `""` or `"module."`), every spec required
+    /// with its exact shape.
+    pub fn from_weights(specs: Vec<ParamSpec>, weights: &Weights, prefix: &str) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        for s in &specs {
+            let t = weights.get(&format!("{prefix}{}", s.name), &s.shape)?;
+            vars.insert(s.name.clone(), Var::from_tensor(&t)?);
+        }
+        Ok(Self { specs, vars })
+    }
+
+    /// The tensor of a trainable (shares storage with its variable).
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        self.vars
+            .get(name)
+            .map(|v| v.as_tensor().clone())
+            .ok_or_else(|| Error::Config(format!("no trainable tensor named {name}")))
+    }
+
+    /// Whether a trainable of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.vars.contains_key(name)
+    }
+
+    /// All variables with their names, in name order.
+    pub fn named_vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.vars.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Total number of trainable values.
+    pub fn numel(&self) -> usize {
+        self.specs.iter().map(ParamSpec::numel).sum()
+    }
+}
