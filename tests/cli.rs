@@ -28,7 +28,7 @@ fn help_lists_the_subcommands() {
     let o = run(&["--help"]);
     assert!(o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
-    for sub in ["zero-shot", "init-random"] {
+    for sub in ["zero-shot", "init-random", "info"] {
         assert!(out.contains(sub), "{out}");
     }
     assert!(out.contains("Exit codes"));
@@ -127,6 +127,35 @@ mod train {
             assert!(err.contains(n), "{n:?} not in {err:?}");
         }
         assert!(!err.contains("panicked"), "{err}");
+    }
+
+    fn info_total(args: &[&str]) -> u64 {
+        let mut all = vec!["info", "--json"];
+        all.extend_from_slice(args);
+        let o = run(&all);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["trainable_total"].as_u64().unwrap()
+    }
+
+    #[test]
+    fn info_reports_the_reference_counts() {
+        assert_eq!(info_total(&["--arch", "vit-b16"]), 9_399_564);
+        assert_eq!(info_total(&["--reduction", "16"]), 6_340_620);
+        let ta_only = [
+            "--no-prompts",
+            "--no-vision-shared",
+            "--no-temporal",
+            "--no-text-shared",
+        ];
+        assert_eq!(info_total(&ta_only), 793_344);
+        assert_eq!(info_total(&["--temporal-cell", "rnn"]), 8_952_588);
+        let o = run(&["info"]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("9,399,564") && out.contains("5.91 %"), "{out}");
+        let o = run(&["info", "--prompt-depth", "40"]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains("prompt depth 40"), "{}", stderr(&o));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Command-line parsing, logging and exit codes. Each subcommand has its own module; clap types
 //! stay in this module tree and never reach library code.
 
+mod info;
 mod init_random;
+mod peclip_args;
 mod table;
 mod zero_shot;
 
@@ -42,6 +44,8 @@ enum Command {
     ZeroShot(zero_shot::Args),
     /// Write an HF-layout CLIP directory with random weights (for benchmarks and tests).
     InitRandom(init_random::Args),
+    /// Print the trainable-parameter breakdown of a PE-CLIP configuration.
+    Info(info::Args),
 }
 
 /// The log level for `-v`/`-q` counts.
@@ -73,6 +77,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::ZeroShot(a) => zero_shot::run(a),
         Command::InitRandom(a) => init_random::run(a),
+        Command::Info(a) => info::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

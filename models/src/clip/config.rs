@@ -121,7 +121,7 @@ pub enum Arch {
     VitB16,
     /// `openai/clip-vit-base-patch32`.
     VitB32,
-    /// A tiny model of the same structure for tests and demos.
+    /// A tiny model of the same structure for tests and demos (the PE-CLIP fixture's shape).
     Tiny,
 }
 
@@ -147,18 +147,19 @@ impl ClipConfig {
             Arch::VitB16 => c.vision_config.patch_size = 16,
             Arch::VitB32 => c.vision_config.patch_size = 32,
             Arch::Tiny => {
+                // The shape of the PE-CLIP reference fixture: 12 layers, widths 64 / 32.
                 c.text_config = TextConfig {
                     hidden_size: 32,
-                    intermediate_size: 64,
+                    intermediate_size: 128,
                     num_attention_heads: 4,
-                    num_hidden_layers: 2,
+                    num_hidden_layers: 12,
                     ..TextConfig::default()
                 };
                 c.vision_config = VisionConfig {
                     hidden_size: 64,
-                    intermediate_size: 128,
+                    intermediate_size: 256,
                     num_attention_heads: 4,
-                    num_hidden_layers: 2,
+                    num_hidden_layers: 12,
                     image_size: 32,
                     patch_size: 16,
                     ..VisionConfig::default()

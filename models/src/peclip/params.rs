@@ -382,3 +382,126 @@ impl Trainables {
         self.specs.iter().map(ParamSpec::numel).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clip::{Arch, ClipConfig};
+    use crate::peclip::config::{AdapterSwitches, PromptConfig};
+
+    fn count(edit: impl FnOnce(&mut PeClipConfig)) -> usize {
+        let mut cfg = PeClipConfig::default();
+        edit(&mut cfg);
+        breakdown(&cfg, &ClipConfig::preset(Arch::VitB16)).trainable_total
+    }
+
+    fn adapters(
+        vision_shared: bool,
+        temporal: bool,
+        text_shared: bool,
+        text: bool,
+    ) -> AdapterSwitches {
+        AdapterSwitches {
+            vision_shared,
+            temporal,
+            text_shared,
+            text,
+        }
+    }
+
+    const NO_PROMPTS: PromptConfig = PromptConfig {
+        enabled: false,
+        depth: 9,
+        tokens: 2,
+    };
+
+    /// Reference section 8: the paper's model on ViT-B/16.
+    #[test]
+    fn vit_b16_counts_match_the_reference() {
+        let b = breakdown(&PeClipConfig::default(), &ClipConfig::preset(Arch::VitB16));
+        assert_eq!(b.adapters, 5_844_492);
+        assert_eq!(b.prompt_learner, 3_555_072);
+        assert_eq!(b.trainable_total, 9_399_564);
+        assert_eq!(b.frozen_backbone, 149_620_737);
+        assert_eq!(b.parts[&Part::VisionShared], 12 * 148_320);
+        assert_eq!(b.parts[&Part::Temporal], 12 * 206_497);
+        assert_eq!(b.parts[&Part::TextShared], 12 * 66_112);
+        assert_eq!(b.parts[&Part::Text], 12 * 66_112);
+        assert_eq!(b.parts[&Part::PromptContext], 1_024);
+        assert_eq!(b.parts[&Part::PromptProjection], 393_984);
+        assert_eq!(b.parts[&Part::DeepPrompts], 8_192);
+        assert_eq!(b.parts[&Part::DeepProjections], 3_151_872);
+    }
+
+    /// Every ablation row of reference section 8 (paper Tables 5 to 9).
+    #[test]
+    fn ablation_counts_match_the_reference() {
+        assert_eq!(count(|c| c.reduction = 4), 16_512_780);
+        assert_eq!(count(|c| c.reduction = 16), 6_340_620);
+        assert_eq!(
+            count(|c| {
+                c.adapters = adapters(false, false, false, true);
+                c.prompts = NO_PROMPTS;
+            }),
+            793_344
+        );
+        assert_eq!(count(|c| c.prompts = NO_PROMPTS), 5_844_492);
+        assert_eq!(
+            count(|c| c.adapters = adapters(false, false, false, true)),
+            4_348_416
+        );
+        assert_eq!(
+            count(|c| c.adapters = adapters(false, false, true, true)),
+            5_141_760
+        );
+        assert_eq!(
+            count(|c| c.adapters = adapters(true, true, false, false)),
+            7_812_876
+        );
+        assert_eq!(
+            count(|c| c.adapters = adapters(true, false, true, true)),
+            6_921_600
+        );
+        assert_eq!(count(|c| c.temporal_cell = TemporalCell::Lstm), 9_623_052);
+        assert_eq!(count(|c| c.temporal_cell = TemporalCell::Rnn), 8_952_588);
+        assert_eq!(count(|c| c.temporal_cell = TemporalCell::None), 8_701_440);
+    }
+
+    #[test]
+    fn init_follows_the_reference() {
+        let clip = ClipConfig::preset(Arch::Tiny);
+        let cfg = PeClipConfig::default();
+        let specs = trainable_specs(&cfg, &clip);
+        let t = Trainables::init(specs, 1, &Device::Cpu).unwrap();
+        assert_eq!(t.numel(), breakdown(&cfg, &clip).trainable_total);
+        let vals =
+            |n: &str| -> Vec<f32> { t.get(n).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+        let up = "visual.transformer.resblocks.1.adapter_pre_mlp.up_proj.weight";
+        assert!(
+            vals(up).iter().all(|&v| v == 0.0),
+            "TDA up-projection starts at zero"
+        );
+        let down = vals("visual.transformer.resblocks.1.adapter_pre_mlp.down_proj.weight");
+        let bound = 1.0 / (64f32).sqrt();
+        assert!(down.iter().all(|v| v.abs() <= bound) && down.iter().any(|&v| v != 0.0));
+        let p0 = vals("prompt_learner.compound_prompt_projections.0.weight");
+        let p7 = vals("prompt_learner.compound_prompt_projections.7.weight");
+        assert_eq!(p0, p7, "deep projections start as copies of one Linear");
+        let ctx = vals("prompt_learner.ctx");
+        let std = (ctx.iter().map(|v| v * v).sum::<f32>() / ctx.len() as f32).sqrt();
+        assert!((0.01..0.03).contains(&std), "ctx ~ N(0, 0.02): std {std}");
+        // Same seed, same values; another seed, other values.
+        let again = Trainables::init(t.specs.clone(), 1, &Device::Cpu).unwrap();
+        let other = Trainables::init(t.specs.clone(), 2, &Device::Cpu).unwrap();
+        let v = |x: &Trainables| -> Vec<f32> {
+            x.get("prompt_learner.ctx")
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(v(&t), v(&again));
+        assert_ne!(v(&t), v(&other));
+    }
+}
