@@ -6,7 +6,9 @@ pub mod config;
 pub mod model;
 pub mod params;
 pub mod prompt;
+pub mod stream;
 
 pub use config::{AdapterSwitches, PeClipConfig, PromptConfig, ScaleAt, TemporalCell};
 pub use model::{GruMode, PeClip};
 pub use params::{breakdown, trainable_specs, ParamBreakdown, Part, Trainables};
+pub use stream::{StreamState, Streamer};

@@ -291,3 +291,98 @@ fn text_block(
     };
     Ok((x + m)?)
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::clip::random::{write_random_model, SeededNormal};
+    use crate::clip::{Arch, ClipConfig};
+    use candle_core::Device;
+
+    /// A freshly initialised PE-CLIP on a random tiny backbone (the reference fixture's shape).
+    pub(crate) fn tiny_model(cfg: PeClipConfig, seed: u64) -> PeClip {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_model(dir.path(), &ClipConfig::preset(Arch::Tiny), seed).unwrap();
+        let clip = ClipModel::load(dir.path(), &Device::Cpu).unwrap();
+        let specs = trainable_specs(&cfg, &clip.config);
+        let trainables = Trainables::init(specs, seed, &Device::Cpu).unwrap();
+        let tok = ClipTokenizer::from_hf_dir(dir.path()).unwrap();
+        PeClip::new(cfg, clip, trainables, ClassSet::default(), &tok).unwrap()
+    }
+
+    /// Smooth random videos `[b, t, 3, 32, 32]` in [0, 1].
+    pub(crate) fn videos(b: usize, t: usize, seed: u64) -> Tensor {
+        let mut rng = SeededNormal::new(seed);
+        let n = b * t * 3 * 32 * 32;
+        let v: Vec<f32> = (0..n).map(|_| rng.uniform() as f32).collect();
+        Tensor::from_vec(v, (b, t, 3, 32, 32), &Device::Cpu).unwrap()
+    }
+
+    /// After one backward pass every trainable tensor (context, couplings, deep prompts, every
+    /// adapter of every block, the GRU weights) has a finite, non-zero gradient, and no backbone
+    /// tensor is a variable. This checks that no path is cut (fused ops without backward, detached
+    /// tensors), so two legitimate zero-gradient cases are taken out first: the TDA up-projections
+    /// start at zero in the reference init (blocking every other TDA gradient at the very first
+    /// step), and a dynamic scale whose ReLU is off for every token passes no gradient (block 11 is
+    /// only read at the class token). Up-projections get small values, scale biases +1.
+    #[test]
+    fn every_trainable_tensor_receives_a_gradient() {
+        let m = tiny_model(PeClipConfig::default(), 11);
+        let mut rng = SeededNormal::new(5);
+        for (name, var) in m.trainables.named_vars() {
+            if name.ends_with("adapter_pre_mlp.up_proj.weight") && name.starts_with("visual.") {
+                let n = var.elem_count();
+                let v: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+            if name.ends_with("adapter_pre_mlp.scale.bias") {
+                var.set(&Tensor::ones(1, candle_core::DType::F32, &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        let logits = m.forward(&videos(2, 4, 3), GruMode::PerVideo).unwrap();
+        let targets = Tensor::new(&[2u32, 4], &Device::Cpu).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+        let grads = loss.backward().unwrap();
+        let mut checked = 0;
+        for (name, var) in m.trainables.named_vars() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(
+                g.iter().all(|v| v.is_finite()),
+                "{name}: non-finite gradient"
+            );
+            assert!(g.iter().any(|&v| v != 0.0), "{name}: zero gradient");
+            checked += 1;
+        }
+        assert_eq!(checked, m.trainables.specs.len());
+        // Layer-0 context and projection, 8 deep prompts, 8 couplings, 12 x 16 vision (ShA 4,
+        // TDA 12) and 12 x 8 text
+        // adapter tensors.
+        assert_eq!(checked, 1 + 2 + 8 + 16 + 12 * 16 + 12 * 8);
+        let v = &m.clip.vision;
+        let mut frozen = vec![
+            &v.embeddings.patch_weight,
+            &v.embeddings.class_embedding,
+            &v.embeddings.position_embedding,
+            &v.post_layernorm.weight,
+            &v.projection.weight,
+            &m.clip.text.token_embedding,
+            &m.clip.text.projection.weight,
+        ];
+        for l in v.layers.iter().chain(&m.clip.text.layers) {
+            frozen.extend([
+                &l.self_attn.q_proj.weight,
+                &l.self_attn.out_proj.weight,
+                &l.mlp.fc1.weight,
+                &l.layer_norm1.weight,
+            ]);
+        }
+        for t in frozen {
+            assert!(!t.is_variable() && grads.get(t).is_none());
+        }
+    }
+}

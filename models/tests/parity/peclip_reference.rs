@@ -154,3 +154,45 @@ fn batch_carry_mode_reproduces_the_reference_batch_of_two() {
     let per_video = m.forward(&two, GruMode::PerVideo).unwrap();
     assert!(max_diff(&per_video, &e["logits_batch2"]) > 1e-3);
 }
+
+/// Streaming: stepping each fixture video frame by frame with a carried state reproduces the
+/// batched per-video forward (features and logits within 1e-5 in f32).
+#[test]
+fn stepping_frames_reproduces_the_batched_forward() {
+    use pe_clip_models::peclip::{StreamState, Streamer};
+    const STEP_TOL: f32 = 1e-5;
+    let m = reference_model();
+    let videos = &load("videos.safetensors")["videos_f32"];
+    let streamer = Streamer::new(&m).unwrap();
+    for v in 0..3 {
+        let clip = videos.narrow(0, v, 1).unwrap();
+        let batched = m.frame_features(&clip, GruMode::PerVideo).unwrap();
+        let mut state = StreamState::new(&m);
+        let mut stepped = Vec::new();
+        for t in 0..16 {
+            let frame = videos.get(v).unwrap().get(t).unwrap();
+            let (f, s) = streamer.step(&frame, state).unwrap();
+            state = s;
+            stepped.push(f);
+        }
+        let stepped = Tensor::cat(&stepped, 0).unwrap();
+        let d = max_diff(&stepped, &batched);
+        assert!(d < STEP_TOL, "video {v}: stepped features differ by {d}");
+        let logits = m
+            .forward(&clip, GruMode::PerVideo)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let d = max_diff(&streamer.logits(&state).unwrap(), &logits);
+        assert!(d < STEP_TOL, "video {v}: stepped logits differ by {d}");
+        assert_eq!(state.frames, 16);
+        // The state really is carried: a stream restarted at frame 8 gives other features.
+        let (restarted, _) = streamer
+            .step(
+                &videos.get(v).unwrap().get(8).unwrap(),
+                StreamState::new(&m),
+            )
+            .unwrap();
+        assert!(max_diff(&restarted, &batched.narrow(0, 8, 1).unwrap()) > 1e-3);
+    }
+}
