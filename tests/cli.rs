@@ -28,7 +28,13 @@ fn help_lists_the_subcommands() {
     let o = run(&["--help"]);
     assert!(o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
-    for sub in ["zero-shot", "init-random", "info"] {
+    for sub in [
+        "zero-shot",
+        "init-random",
+        "info",
+        "import-reference",
+        "predict",
+    ] {
         assert!(out.contains(sub), "{out}");
     }
     assert!(out.contains("Exit codes"));
@@ -156,6 +162,78 @@ mod train {
         let o = run(&["info", "--prompt-depth", "40"]);
         assert_eq!(o.status.code(), Some(1));
         assert!(stderr(&o).contains("prompt depth 40"), "{}", stderr(&o));
+    }
+
+    fn peclip_fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tests/fixtures/peclip-reference")
+    }
+
+    /// The authors' checkpoint imported and run on the PNG frame folders reproduces the logits
+    /// their PyTorch code produced (1e-4).
+    #[test]
+    fn import_reference_then_predict_matches_the_authors_logits() {
+        let f = peclip_fixture();
+        let run_dir = tempfile::tempdir().unwrap();
+        let out = run_dir.path().join("run");
+        let o = run(&[
+            "import-reference",
+            s(&f.join("weights.safetensors")),
+            "-o",
+            s(&out),
+            "--vision-heads",
+            "4",
+            "--text-heads",
+            "4",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("60396 trainable values"));
+        let clips: Vec<PathBuf> = (0..3).map(|i| f.join(format!("clips/video{i}"))).collect();
+        let mut args = vec!["predict", "--checkpoint", s(&out), "--json"];
+        args.extend(clips.iter().map(|c| s(c)));
+        let o = run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(f.join("expected.json")).unwrap())
+                .unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3);
+        for (i, line) in lines.iter().enumerate() {
+            let got: Vec<f32> = serde_json::from_value(line["logits"].clone()).unwrap();
+            let want: Vec<f32> = serde_json::from_value(expected["logits"][i].clone()).unwrap();
+            let d = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(d < 1e-4, "video {i}: logits differ by {d}");
+        }
+        // Without the head counts the 32-wide text tower cannot be split: a clear error.
+        let o = run(&[
+            "import-reference",
+            s(&f.join("weights.safetensors")),
+            "-o",
+            s(&run_dir.path().join("bad")),
+        ]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains("--text-heads") || stderr(&o).contains("head count"));
+    }
+
+    #[test]
+    fn predict_on_a_missing_or_broken_run_is_a_clean_error() {
+        let clip = peclip_fixture().join("clips/video0");
+        assert_fails_naming(
+            &["predict", "--checkpoint", "/no/such/run", s(&clip)],
+            &["/no/such/run", "not found"],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("peclip.json"), r#"{"format_version": 99}"#).unwrap();
+        assert_fails_naming(
+            &["predict", "--checkpoint", s(dir.path()), s(&clip)],
+            &["peclip.json"],
+        );
     }
 
     #[test]

@@ -41,6 +41,30 @@ pub fn write_atomic_with(
     })
 }
 
+/// Save tensors as safetensors through a temporary file and a rename, with a plain file mode.
+#[cfg(feature = "train")]
+pub fn save_safetensors_atomic(
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+    path: &Path,
+) -> Result<()> {
+    let tmp = temp_path_for(path);
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::invalid(path, format!("writing tensors failed: {e}"))
+    })?;
+    // The safetensors writer creates its file owner-only; give it a plain file's mode.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@
 pub mod classes;
 pub mod error;
 pub mod io;
+pub mod prediction;
 pub mod preprocess;
 pub mod sampling;
 pub mod tokenizer;

@@ -7,29 +7,14 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor, D};
-use serde::Serialize;
 
 use crate::classes::ClassSet;
 use crate::clip::ClipModel;
 use crate::error::Result;
+use crate::prediction::Prediction;
 use crate::preprocess::PreprocessSpec;
 use crate::tokenizer::ClipTokenizer;
 use crate::video::{load_sampled_clip, SampledClip};
-
-/// The result for one clip.
-#[derive(Debug, Clone, Serialize)]
-pub struct ZeroShotResult {
-    /// The clip path as given.
-    pub clip: String,
-    /// `exp(logit_scale) * cos(video, class text)` per class.
-    pub logits: Vec<f32>,
-    /// Softmax of the logits.
-    pub probs: Vec<f32>,
-    /// The most probable class.
-    pub label: String,
-    /// Frames of the clip that could not be read.
-    pub skipped_frames: usize,
-}
 
 /// A CLIP model with its class texts encoded once.
 pub struct ZeroShot {
@@ -87,17 +72,7 @@ impl ZeroShot {
 
     /// Preprocess sampled frames into a pixel tensor `[T, 3, S, S]`.
     pub fn pixels(&self, clip: &SampledClip) -> Result<Tensor> {
-        let s = self.preprocess.image_size;
-        let data: Vec<f32> = clip
-            .frames
-            .iter()
-            .flat_map(|f| self.preprocess.frame_to_chw(f))
-            .collect();
-        Ok(Tensor::from_vec(
-            data,
-            (clip.frames.len(), 3, s, s),
-            &self.model.device,
-        )?)
+        pixels_of(clip, &self.preprocess, &self.model.device)
     }
 
     /// Logits `[C]` of a clip given its pixels `[T, 3, S, S]`.
@@ -110,39 +85,29 @@ impl ZeroShot {
     }
 
     /// Load, sample, preprocess and classify one clip.
-    pub fn classify(&self, path: &Path) -> Result<ZeroShotResult> {
+    pub fn classify(&self, path: &Path) -> Result<Prediction> {
         let clip = load_sampled_clip(path, self.segments)?;
-        let logits = self.logits(&self.pixels(&clip)?)?;
-        let probs = softmax(&logits);
-        let best = argmax(&probs);
-        Ok(ZeroShotResult {
-            clip: path.display().to_string(),
-            label: self.classes.classes[best].name.clone(),
+        let logits = self.logits(&pixels_of(&clip, &self.preprocess, &self.model.device)?)?;
+        Ok(Prediction::new(
+            path.display().to_string(),
             logits,
-            probs,
-            skipped_frames: clip.skipped.len(),
-        })
+            &self.classes.names(),
+            clip.skipped.len(),
+        ))
     }
 }
 
-/// Numerically stable softmax of a slice.
-pub fn softmax(x: &[f32]) -> Vec<f32> {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
-    let s: f32 = e.iter().sum();
-    e.iter().map(|v| v / s).collect()
-}
-
-/// Index of the largest value (the first one on ties).
-pub fn argmax(x: &[f32]) -> usize {
-    x.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
+/// Preprocess sampled frames into a pixel tensor `[T, 3, S, S]` on `device`.
+pub fn pixels_of(clip: &SampledClip, spec: &PreprocessSpec, device: &Device) -> Result<Tensor> {
+    let s = spec.image_size;
+    let data: Vec<f32> = clip
+        .frames
+        .iter()
+        .flat_map(|f| spec.frame_to_chw(f))
+        .collect();
+    Ok(Tensor::from_vec(
+        data,
+        (clip.frames.len(), 3, s, s),
+        device,
+    )?)
 }

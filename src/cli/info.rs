@@ -62,7 +62,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         Part::DeepPrompts => "deep text prompts",
         Part::DeepProjections => "deep prompt projections",
     };
-    let serde_name = |v: serde_json::Value| v.as_str().unwrap_or_default().replace('_', "-");
+    use super::serde_name;
     println!(
         "PE-CLIP on {name}: r = {}, prompts {}, cell {}, scale at {}",
         cfg.reduction,
@@ -74,8 +74,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         } else {
             "off".into()
         },
-        serde_name(serde_json::json!(cfg.temporal_cell)),
-        serde_name(serde_json::json!(cfg.scale_at)),
+        serde_name(&cfg.temporal_cell),
+        serde_name(&cfg.scale_at),
     );
     let row = |k: &str, v: usize| println!("  {k:<34} {:>13}", group_digits(v));
     for (p, n) in &b.parts {

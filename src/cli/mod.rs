@@ -1,9 +1,11 @@
 //! Command-line parsing, logging and exit codes. Each subcommand has its own module; clap types
 //! stay in this module tree and never reach library code.
 
+mod import_reference;
 mod info;
 mod init_random;
 mod peclip_args;
+mod predict;
 mod table;
 mod zero_shot;
 
@@ -46,6 +48,10 @@ enum Command {
     InitRandom(init_random::Args),
     /// Print the trainable-parameter breakdown of a PE-CLIP configuration.
     Info(info::Args),
+    /// Convert a checkpoint of the PE-CLIP authors' code into a pe-clip run directory.
+    ImportReference(import_reference::Args),
+    /// Recognise the expression in clips with a PE-CLIP run directory.
+    Predict(predict::Args),
 }
 
 /// The log level for `-v`/`-q` counts.
@@ -78,6 +84,8 @@ pub fn main() -> ExitCode {
         Command::ZeroShot(a) => zero_shot::run(a),
         Command::InitRandom(a) => init_random::run(a),
         Command::Info(a) => info::run(a),
+        Command::ImportReference(a) => import_reference::run(a),
+        Command::Predict(a) => predict::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -86,6 +94,15 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// The serde name of a config enum value, e.g. `post_up` -> `post-up`.
+#[cfg(feature = "train")]
+pub(crate) fn serde_name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(|s| s.replace('_', "-")))
+        .unwrap_or_default()
 }
 
 /// The error for subcommands that need the `train` feature in a build without it.

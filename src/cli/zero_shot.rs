@@ -31,11 +31,9 @@ pub struct Args {
 
 #[cfg(feature = "train")]
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    use super::table;
     use anyhow::{bail, Context};
     use pe_clip_models::zero_shot::ZeroShot;
     use pe_clip_models::{ClassSet, PixelNorm, PreprocessSpec};
-    use std::io::Write;
 
     if args.frames == 0 {
         bail!("--frames must be at least 1");
@@ -60,36 +58,56 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     );
 
     let names = zs.classes.names();
-    let clip_width = args
-        .clips
+    print_predictions(&args.clips, &names, args.json, |clip| {
+        let t = std::time::Instant::now();
+        let r = zs.classify(clip)?;
+        log::info!(
+            "{}: {} frames in {:.1} ms",
+            r.clip,
+            args.frames,
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(r)
+    })
+}
+
+/// Run `predict` on every clip and print each result as a table row or a JSON line; a clip that
+/// fails is reported on stderr and the others go on. Returns the exit code.
+#[cfg(feature = "train")]
+pub(crate) fn print_predictions(
+    clips: &[PathBuf],
+    names: &[&str],
+    json: bool,
+    mut predict: impl FnMut(
+        &std::path::Path,
+    )
+        -> Result<pe_clip_models::prediction::Prediction, pe_clip_models::Error>,
+) -> anyhow::Result<u8> {
+    use super::table;
+    use std::io::Write;
+
+    let clip_width = clips
         .iter()
         .map(|c| c.display().to_string().chars().count())
         .max()
         .unwrap_or(0);
     let mut out = std::io::stdout().lock();
-    let mut header_written = args.json;
+    let mut header_written = json;
     let mut failed = 0usize;
-    for clip in &args.clips {
-        let t = std::time::Instant::now();
-        match zs.classify(clip) {
+    for clip in clips {
+        match predict(clip) {
             Ok(r) => {
-                log::info!(
-                    "{}: {} frames in {:.1} ms",
-                    r.clip,
-                    args.frames,
-                    t.elapsed().as_secs_f64() * 1e3
-                );
-                if args.json {
+                if json {
                     writeln!(out, "{}", serde_json::to_string(&r)?)?;
                 } else {
                     if !header_written {
-                        writeln!(out, "{}", table::header(&names, clip_width))?;
+                        writeln!(out, "{}", table::header(names, clip_width))?;
                         header_written = true;
                     }
                     writeln!(
                         out,
                         "{}",
-                        table::row(&r.clip, &r.label, &r.probs, &names, clip_width)
+                        table::row(&r.clip, &r.label, &r.probs, names, clip_width)
                     )?;
                 }
             }
@@ -107,7 +125,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     Ok(match failed {
         0 => super::EXIT_OK,
-        n if n == args.clips.len() => super::EXIT_FAILURE,
+        n if n == clips.len() => super::EXIT_FAILURE,
         _ => super::EXIT_PARTIAL,
     })
 }

@@ -58,7 +58,7 @@ fn heads_for(width: usize, given: Option<usize>, what: &str) -> Result<usize> {
     let heads = given.unwrap_or(width / 64);
     if heads == 0 || width % heads != 0 {
         return Err(Error::Config(format!(
-            "{what} width {width} cannot be split into {heads} heads (pass the head count explicitly)"
+            "{what} width {width} cannot be split into {heads} heads (pass the head count, e.g. --{what}-heads)"
         )));
     }
     Ok(heads)

@@ -182,20 +182,7 @@ pub fn write_random_model(dir: &Path, cfg: &ClipConfig, seed: u64) -> Result<()>
         };
         tensors.insert(key, Tensor::from_vec(data, shape, &Device::Cpu)?);
     }
-    let path = dir.join(super::WEIGHTS_FILE);
-    let tmp = crate::io::temp_path_for(&path);
-    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::invalid(&path, format!("writing weights failed: {e}"))
-    })?;
-    // The safetensors writer creates its file owner-only; give it a plain file's mode.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    crate::io::save_safetensors_atomic(&tensors, &dir.join(super::WEIGHTS_FILE))?;
     crate::io::write_atomic(&dir.join(super::CONFIG_FILE), cfg.to_hf_json().as_bytes())?;
     crate::tokenizer::write_hf_tokenizer_files(dir)?;
     Ok(())

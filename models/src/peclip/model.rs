@@ -318,19 +318,12 @@ pub(crate) mod tests {
         Tensor::from_vec(v, (b, t, 3, 32, 32), &Device::Cpu).unwrap()
     }
 
-    /// After one backward pass every trainable tensor (context, couplings, deep prompts, every
-    /// adapter of every block, the GRU weights) has a finite, non-zero gradient, and no backbone
-    /// tensor is a variable. This checks that no path is cut (fused ops without backward, detached
-    /// tensors), so two legitimate zero-gradient cases are taken out first: the TDA up-projections
-    /// start at zero in the reference init (blocking every other TDA gradient at the very first
-    /// step), and a dynamic scale whose ReLU is off for every token passes no gradient (block 11 is
-    /// only read at the class token). Up-projections get small values, scale biases +1.
-    #[test]
-    fn every_trainable_tensor_receives_a_gradient() {
-        let m = tiny_model(PeClipConfig::default(), 11);
-        let mut rng = SeededNormal::new(5);
+    /// Give the TDA up-projections small random values and the dynamic scales a positive bias, as
+    /// after some training: with the reference init (up = 0) the TDA is inert.
+    pub(crate) fn activate_tda(m: &PeClip, seed: u64) {
+        let mut rng = SeededNormal::new(seed);
         for (name, var) in m.trainables.named_vars() {
-            if name.ends_with("adapter_pre_mlp.up_proj.weight") && name.starts_with("visual.") {
+            if name.starts_with("visual.") && name.ends_with("adapter_pre_mlp.up_proj.weight") {
                 let n = var.elem_count();
                 let v: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
                 var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
@@ -341,6 +334,141 @@ pub(crate) mod tests {
                     .unwrap();
             }
         }
+    }
+
+    /// Every ablation of paper Tables 5 to 9 builds, runs to finite logits, has exactly the
+    /// counted parameters, and streams frame by frame as its batched forward.
+    #[test]
+    fn every_ablation_variant_runs_and_streams_exactly() {
+        use crate::peclip::config::{AdapterSwitches, PromptConfig, ScaleAt, TemporalCell};
+        use crate::peclip::{breakdown, StreamState, Streamer};
+        let base = PeClipConfig::default();
+        let variants: Vec<(&str, PeClipConfig)> = vec![
+            ("reference", base.clone()),
+            (
+                "r4",
+                PeClipConfig {
+                    reduction: 4,
+                    ..base.clone()
+                },
+            ),
+            (
+                "lstm",
+                PeClipConfig {
+                    temporal_cell: TemporalCell::Lstm,
+                    ..base.clone()
+                },
+            ),
+            (
+                "rnn",
+                PeClipConfig {
+                    temporal_cell: TemporalCell::Rnn,
+                    ..base.clone()
+                },
+            ),
+            (
+                "vanilla",
+                PeClipConfig {
+                    temporal_cell: TemporalCell::None,
+                    ..base.clone()
+                },
+            ),
+            (
+                "scale-input",
+                PeClipConfig {
+                    scale_at: ScaleAt::Input,
+                    ..base.clone()
+                },
+            ),
+            (
+                "scale-gru",
+                PeClipConfig {
+                    scale_at: ScaleAt::GruOutput,
+                    ..base.clone()
+                },
+            ),
+            (
+                "ta-only",
+                PeClipConfig {
+                    adapters: AdapterSwitches {
+                        vision_shared: false,
+                        temporal: false,
+                        text_shared: false,
+                        text: true,
+                    },
+                    prompts: PromptConfig {
+                        enabled: false,
+                        ..PromptConfig::default()
+                    },
+                    ..base.clone()
+                },
+            ),
+            (
+                "shallow-prompts",
+                PeClipConfig {
+                    prompts: PromptConfig {
+                        enabled: true,
+                        depth: 3,
+                        tokens: 4,
+                    },
+                    ..base.clone()
+                },
+            ),
+        ];
+        let v = videos(1, 5, 2);
+        for (name, cfg) in variants {
+            let m = tiny_model(cfg.clone(), 3);
+            activate_tda(&m, 8);
+            assert_eq!(
+                m.trainables.numel(),
+                breakdown(&cfg, &m.clip.config).trainable_total,
+                "{name}"
+            );
+            let batched = m.frame_features(&v, GruMode::PerVideo).unwrap();
+            let streamer = Streamer::new(&m).unwrap();
+            let mut state = StreamState::new(&m);
+            let mut stepped = Vec::new();
+            for t in 0..5 {
+                let (f, s) = streamer
+                    .step(&v.get(0).unwrap().get(t).unwrap(), state)
+                    .unwrap();
+                state = s;
+                stepped.push(f);
+            }
+            let stepped = Tensor::cat(&stepped, 0).unwrap();
+            let d = (&stepped - &batched)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "{name}: stepped features differ by {d}");
+            let logits: Vec<f32> = m
+                .forward(&v, GruMode::PerVideo)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(logits.iter().all(|l| l.is_finite()), "{name}");
+        }
+    }
+
+    /// After one backward pass every trainable tensor (context, couplings, deep prompts, every
+    /// adapter of every block, the GRU weights) has a finite, non-zero gradient, and no backbone
+    /// tensor is a variable. This checks that no path is cut (fused ops without backward, detached
+    /// tensors), so two legitimate zero-gradient cases are taken out first: the TDA up-projections
+    /// start at zero in the reference init (blocking every other TDA gradient at the very first
+    /// step), and a dynamic scale whose ReLU is off for every token passes no gradient (block 11 is
+    /// only read at the class token). Up-projections get small values, scale biases +1.
+    #[test]
+    fn every_trainable_tensor_receives_a_gradient() {
+        let m = tiny_model(PeClipConfig::default(), 11);
+        activate_tda(&m, 5);
         let logits = m.forward(&videos(2, 4, 3), GruMode::PerVideo).unwrap();
         let targets = Tensor::new(&[2u32, 4], &Device::Cpu).unwrap();
         let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();

@@ -348,15 +348,30 @@ impl Trainables {
         Ok(Self { specs, vars })
     }
 
-    /// Values read from `weights` under `prefix` (e.g. `""` or `"module."`), every spec required
-    /// with its exact shape.
-    pub fn from_weights(specs: Vec<ParamSpec>, weights: &Weights, prefix: &str) -> Result<Self> {
+    /// Values read from `weights`, every spec required with its exact shape; `key` maps a
+    /// trainable's name to its key in the file (identity for pe-clip's own files, a prefix such as
+    /// `module.clip_model.` for the authors' checkpoints).
+    pub fn from_weights(
+        specs: Vec<ParamSpec>,
+        weights: &Weights,
+        key: impl Fn(&str) -> String,
+    ) -> Result<Self> {
         let mut vars = BTreeMap::new();
         for s in &specs {
-            let t = weights.get(&format!("{prefix}{}", s.name), &s.shape)?;
+            let t = weights.get(&key(&s.name), &s.shape)?;
             vars.insert(s.name.clone(), Var::from_tensor(&t)?);
         }
         Ok(Self { specs, vars })
+    }
+
+    /// Write all trainables to a safetensors file atomically (temp file + rename).
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        let tensors: std::collections::HashMap<String, Tensor> = self
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        crate::io::save_safetensors_atomic(&tensors, path)
     }
 
     /// The tensor of a trainable (shares storage with its variable).

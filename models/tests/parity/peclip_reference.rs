@@ -36,7 +36,7 @@ pub fn reference_model() -> PeClip {
     let clip = load_openai(&weights, &prefix, clip_cfg).unwrap();
     let cfg = PeClipConfig::default();
     let specs = trainable_specs(&cfg, &clip.config);
-    let trainables = Trainables::from_weights(specs, &weights, "").unwrap();
+    let trainables = Trainables::from_weights(specs, &weights, str::to_string).unwrap();
     let tokenizer = ClipTokenizer::embedded().unwrap();
     PeClip::new(cfg, clip, trainables, ClassSet::default(), &tokenizer).unwrap()
 }
@@ -195,4 +195,50 @@ fn stepping_frames_reproduces_the_batched_forward() {
             .unwrap();
         assert!(max_diff(&restarted, &batched.narrow(0, 8, 1).unwrap()) > 1e-3);
     }
+}
+
+/// The authors' real checkpoints come from DataParallel: every key has `module.`, and the same
+/// tensors also appear as `image_encoder.*` and `text_encoder.*`. Such a file imports into a run
+/// directory that gives the reference logits.
+#[test]
+fn dataparallel_checkpoint_imports() {
+    let src = load("weights.safetensors");
+    let mut dp = HashMap::new();
+    for (k, t) in &src {
+        if k.starts_with("prompt_learner.") {
+            dp.insert(format!("module.{k}"), t.clone());
+            continue;
+        }
+        dp.insert(format!("module.clip_model.{k}"), t.clone());
+        if let Some(v) = k.strip_prefix("visual.") {
+            dp.insert(format!("module.image_encoder.{v}"), t.clone());
+        }
+        if k.starts_with("transformer.")
+            || [
+                "positional_embedding",
+                "ln_final.weight",
+                "ln_final.bias",
+                "text_projection",
+            ]
+            .contains(&k.as_str())
+        {
+            dp.insert(format!("module.text_encoder.{k}"), t.clone());
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dp.safetensors");
+    candle_core::safetensors::save(&dp, &path).unwrap();
+    let heads = HeadOverrides {
+        vision: Some(4),
+        text: Some(4),
+    };
+    let out = dir.path().join("run");
+    let imported = pe_clip_models::peclip::import::import_reference(&path, &out, heads).unwrap();
+    assert_eq!(imported.backbone_prefix, "module.clip_model.");
+    assert_eq!(imported.config.peclip, PeClipConfig::default());
+    let (m, _) = pe_clip_models::peclip::load_run(&out, &Device::Cpu).unwrap();
+    let e = load("expected.safetensors");
+    let videos = &load("videos.safetensors")["videos_f32"];
+    let d = max_diff(&m.forward(videos, GruMode::PerVideo).unwrap(), &e["logits"]);
+    assert!(d < LOGIT_TOL, "imported logits differ by {d}");
 }
