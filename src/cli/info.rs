@@ -63,6 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         Part::DeepProjections => "deep prompt projections",
     };
     use super::serde_name;
+    use super::table::group_digits;
     println!(
         "PE-CLIP on {name}: r = {}, prompts {}, cell {}, scale at {}",
         cfg.reduction,
@@ -92,27 +93,4 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 #[cfg(not(feature = "train"))]
 pub fn run(_args: Args) -> anyhow::Result<u8> {
     Err(super::built_without_train("info"))
-}
-
-/// `9399564` -> `9,399,564`.
-pub(crate) fn group_digits(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn digits_are_grouped() {
-        assert_eq!(super::group_digits(9_399_564), "9,399,564");
-        assert_eq!(super::group_digits(512), "512");
-        assert_eq!(super::group_digits(1_000), "1,000");
-    }
 }

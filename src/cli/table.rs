@@ -34,6 +34,19 @@ pub(crate) fn row(
     s
 }
 
+/// `9399564` -> `9,399,564`.
+pub(crate) fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +58,12 @@ mod tests {
         let r = row("clips/a", "sadness", &[0.25, 0.75], &names, 7);
         assert_eq!(h.len(), r.len());
         assert!(r.ends_with("    0.250     0.750"));
+    }
+
+    #[test]
+    fn digits_are_grouped() {
+        assert_eq!(group_digits(9_399_564), "9,399,564");
+        assert_eq!(group_digits(512), "512");
+        assert_eq!(group_digits(1_000), "1,000");
     }
 }
