@@ -339,6 +339,35 @@ mod train {
     }
 
     #[test]
+    fn init_random_run_directory_predicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, r) = (dir.path().join("clip"), dir.path().join("run"));
+        let o = run(&["init-random", "--arch", "tiny", "--run", s(&r), s(&m)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let clip = peclip_fixture().join("clips/video1");
+        let o = run(&["predict", "--checkpoint", s(&r), "--json", s(&clip)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["logits"].as_array().unwrap().len(), 7);
+    }
+
+    #[test]
+    #[ignore = "full size: writes a 600 MB ViT-B/16 directory and runs PE-CLIP on 16 frames (~1-2 min); run with --ignored"]
+    fn vit_b16_peclip_random_weights_load_and_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, r) = (dir.path().join("vitb16"), dir.path().join("run"));
+        let o = run(&["init-random", "--arch", "vit-b16", "--run", s(&r), s(&m)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let clip = fixture().join("clips/b");
+        let o = run(&["predict", "--checkpoint", s(&r), "--json", s(&clip)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let logits: Vec<f32> = serde_json::from_value(v["logits"].clone()).unwrap();
+        assert_eq!(logits.len(), 7);
+        assert!(logits.iter().all(|l| l.is_finite()));
+    }
+
+    #[test]
     #[ignore = "full size: writes a 600 MB ViT-B/16 directory and runs 16 frames (~1 min in a debug build); run with --ignored"]
     fn vit_b16_random_weights_load_and_run() {
         let dir = tempfile::tempdir().unwrap();

@@ -44,7 +44,7 @@ pub struct Cli {
 enum Command {
     /// Zero-shot expression recognition of clips with a plain CLIP model and the action-unit texts.
     ZeroShot(zero_shot::Args),
-    /// Write an HF-layout CLIP directory with random weights (for benchmarks and tests).
+    /// Write an HF-layout CLIP directory with random weights (and optionally a fresh PE-CLIP run).
     InitRandom(init_random::Args),
     /// Print the trainable-parameter breakdown of a PE-CLIP configuration.
     Info(info::Args),

@@ -316,6 +316,8 @@ pub fn breakdown(cfg: &PeClipConfig, clip: &ClipConfig) -> ParamBreakdown {
 pub struct Trainables {
     pub specs: Vec<ParamSpec>,
     vars: BTreeMap<String, Var>,
+    /// Hand out detached tensors: no autograd graph is recorded (inference).
+    inference: bool,
 }
 
 impl Trainables {
@@ -345,7 +347,11 @@ impl Trainables {
             };
             vars.insert(s.name.clone(), Var::from_tensor(&t)?);
         }
-        Ok(Self { specs, vars })
+        Ok(Self {
+            specs,
+            vars,
+            inference: false,
+        })
     }
 
     /// Values read from `weights`, every spec required with its exact shape; `key` maps a
@@ -361,7 +367,11 @@ impl Trainables {
             let t = weights.get(&key(&s.name), &s.shape)?;
             vars.insert(s.name.clone(), Var::from_tensor(&t)?);
         }
-        Ok(Self { specs, vars })
+        Ok(Self {
+            specs,
+            vars,
+            inference: false,
+        })
     }
 
     /// Write all trainables to a safetensors file atomically (temp file + rename).
@@ -374,12 +384,25 @@ impl Trainables {
         crate::io::save_safetensors_atomic(&tensors, path)
     }
 
-    /// The tensor of a trainable (shares storage with its variable).
+    /// The tensor of a trainable (shares storage with its variable). In inference mode it is
+    /// detached, so forward passes record no autograd graph (and keep no intermediates alive).
     pub fn get(&self, name: &str) -> Result<Tensor> {
         self.vars
             .get(name)
-            .map(|v| v.as_tensor().clone())
+            .map(|v| {
+                if self.inference {
+                    v.as_tensor().detach()
+                } else {
+                    v.as_tensor().clone()
+                }
+            })
             .ok_or_else(|| Error::Config(format!("no trainable tensor named {name}")))
+    }
+
+    /// Switch to inference: models built from these trainables afterwards record no gradients.
+    pub fn into_inference(mut self) -> Self {
+        self.inference = true;
+        self
     }
 
     /// Whether a trainable of that name exists.
