@@ -165,19 +165,6 @@ mod tests {
     use crate::peclip::model::tests::{tiny_model, videos};
     use crate::peclip::GruMode;
 
-    fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     /// Save a model's trainables with a backbone in the run directory, load it back: identical
     /// logits. A newer format version and a missing tensor are clear errors.
     #[test]
@@ -212,7 +199,9 @@ mod tests {
         assert_eq!(read, cfg);
         let v = videos(1, 3, 9);
         let loaded = back.forward(&v, GruMode::PerVideo).unwrap();
-        let d = max_diff(&m.forward(&v, GruMode::PerVideo).unwrap(), &loaded);
+        let d =
+            crate::clip::layers::max_abs_diff(&m.forward(&v, GruMode::PerVideo).unwrap(), &loaded)
+                .unwrap();
         assert!(d < 1e-5, "logits differ by {d}");
         // A loaded run is for inference: no autograd graph is recorded.
         assert!(!loaded.track_op());

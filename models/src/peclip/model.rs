@@ -436,16 +436,7 @@ pub(crate) mod tests {
                 stepped.push(f);
             }
             let stepped = Tensor::cat(&stepped, 0).unwrap();
-            let d = (&stepped - &batched)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::clip::layers::max_abs_diff(&stepped, &batched).unwrap();
             assert!(d < 1e-5, "{name}: stepped features differ by {d}");
             let logits: Vec<f32> = m
                 .forward(&v, GruMode::PerVideo)

@@ -42,17 +42,7 @@ pub fn reference_model() -> PeClip {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    pe_clip_models::clip::layers::max_abs_diff(a, b).unwrap()
 }
 
 #[test]
