@@ -51,12 +51,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         spec.pixel_norm = p.parse::<PixelNorm>().map_err(anyhow::Error::msg)?;
     }
     let names = model.classes.names();
+    let text = pe_clip_models::zero_shot::l2_normalize(&model.text_features()?)?;
     super::zero_shot::print_predictions(&args.clips, &names, args.json, |clip| {
         let t = std::time::Instant::now();
         let sampled = load_sampled_clip(clip, args.frames)?;
         let pixels = pixels_of(&sampled, &spec, &device)?.unsqueeze(0)?;
         let logits = model
-            .forward(&pixels, GruMode::PerVideo)?
+            .forward_with_text(&pixels, GruMode::PerVideo, &text)?
             .squeeze(0)?
             .to_vec1::<f32>()?;
         log::info!(

@@ -260,12 +260,23 @@ impl PeClip {
     /// Logits `[B, C]` of `videos` `[B, T, 3, S, S]`: mean over frames of the projected features,
     /// L2-normalised, cosine with the normalised class features, times the logit scale.
     pub fn forward(&self, videos: &Tensor, mode: GruMode) -> Result<Tensor> {
+        let text = l2_normalize(&self.text_features()?)?;
+        self.forward_with_text(videos, mode, &text)
+    }
+
+    /// [`forward`](Self::forward) with the normalised class features `[C, E]` computed once by the
+    /// caller (they are constant at inference).
+    pub fn forward_with_text(
+        &self,
+        videos: &Tensor,
+        mode: GruMode,
+        text_normalized: &Tensor,
+    ) -> Result<Tensor> {
         let (b, t, _, _, _) = videos.dims5()?;
         let feats = self.frame_features(videos, mode)?;
         let e = feats.dim(D::Minus1)?;
         let video = feats.reshape((b, t, e))?.mean(1)?;
-        let text = l2_normalize(&self.text_features()?)?;
-        self.logits_from(&video, &text)
+        self.logits_from(&video, text_normalized)
     }
 }
 
