@@ -58,6 +58,13 @@ pub enum Error {
         /// The frames that failed to decode (file names, or `file#index` for y4m).
         unreadable: Vec<String>,
     },
+    /// A line of an annotation or split file is wrong.
+    #[error("{}:{line}: {reason}", file.display())]
+    Annotation {
+        file: PathBuf,
+        line: usize,
+        reason: String,
+    },
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -7,10 +7,13 @@
 #![cfg_attr(not(feature = "train"), forbid(unsafe_code))]
 
 pub mod classes;
+pub mod dataset;
 pub mod error;
 pub mod io;
+pub mod metrics;
 pub mod prediction;
 pub mod preprocess;
+pub mod rng;
 pub mod sampling;
 pub mod tokenizer;
 pub mod video;

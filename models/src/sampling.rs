@@ -46,3 +46,49 @@ mod tests {
         assert!(test_indices(0, 16).is_empty());
     }
 }
+
+/// Training-time indices of `segments` frames out of `n` (reference section 7): with
+/// `avg = n / segments > 0`, index `x` is `x·avg + randint(avg)`; else, when `n > segments`,
+/// `segments` sorted random indices (with repetition, as the reference); else all frames then the
+/// last one repeated.
+pub fn train_indices(n: usize, segments: usize, rng: &mut crate::rng::SeededRng) -> Vec<usize> {
+    if n == 0 || segments == 0 {
+        return Vec::new();
+    }
+    let avg = n / segments;
+    if avg > 0 {
+        (0..segments).map(|x| x * avg + rng.below(avg)).collect()
+    } else if n > segments {
+        let mut idx: Vec<usize> = (0..segments).map(|_| rng.below(n)).collect();
+        idx.sort_unstable();
+        idx
+    } else {
+        test_indices(n, segments)
+    }
+}
+
+#[cfg(test)]
+mod train_tests {
+    use super::*;
+    use crate::rng::SeededRng;
+
+    #[test]
+    fn train_indices_stay_in_their_segments() {
+        let mut rng = SeededRng::new(1);
+        for _ in 0..200 {
+            let idx = train_indices(70, 16, &mut rng); // avg 4
+            for (x, &i) in idx.iter().enumerate() {
+                assert!((4 * x..4 * x + 4).contains(&i), "{idx:?}");
+            }
+        }
+        let idx = train_indices(16, 16, &mut rng);
+        assert_eq!(idx, (0..16).collect::<Vec<_>>());
+        assert_eq!(train_indices(5, 16, &mut rng), test_indices(5, 16));
+        // 24 frames: avg 1, so each segment x is frame x exactly.
+        assert_eq!(train_indices(24, 16, &mut rng), (0..16).collect::<Vec<_>>());
+        // Different seeds, different draws.
+        let a = train_indices(200, 16, &mut SeededRng::new(1));
+        let b = train_indices(200, 16, &mut SeededRng::new(2));
+        assert_ne!(a, b);
+    }
+}

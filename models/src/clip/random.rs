@@ -125,47 +125,8 @@ pub fn tensor_specs(cfg: &ClipConfig) -> Vec<(String, Vec<usize>, Init)> {
     out
 }
 
-/// A small deterministic generator (SplitMix64 + Box-Muller): the same seed gives the same
-/// weights on every machine.
-pub struct SeededNormal {
-    state: u64,
-    spare: Option<f32>,
-}
-
-impl SeededNormal {
-    /// A generator for `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self {
-            state: seed,
-            spare: None,
-        }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-
-    /// A standard normal sample.
-    pub fn normal(&mut self) -> f32 {
-        if let Some(s) = self.spare.take() {
-            return s;
-        }
-        let (u1, u2) = (self.uniform(), self.uniform());
-        let r = (-2.0 * u1.ln()).sqrt();
-        let th = std::f64::consts::TAU * u2;
-        self.spare = Some((r * th.sin()) as f32);
-        (r * th.cos()) as f32
-    }
-}
+/// The seeded generator used for random weights (see [`crate::rng`]).
+pub use crate::rng::SeededRng as SeededNormal;
 
 /// Write `config.json`, `model.safetensors` (random weights from `seed`) and the tokenizer files
 /// into `dir` (created if needed). Each file is written atomically.
