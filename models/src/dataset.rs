@@ -25,7 +25,8 @@ pub enum Split {
 }
 
 impl Split {
-    fn name(self) -> &'static str {
+    /// `train` or `test`.
+    pub fn name(self) -> &'static str {
         match self {
             Split::Train => "train",
             Split::Test => "test",

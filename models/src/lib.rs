@@ -15,6 +15,7 @@ pub mod prediction;
 pub mod preprocess;
 pub mod rng;
 pub mod sampling;
+pub mod synth;
 pub mod tokenizer;
 pub mod video;
 

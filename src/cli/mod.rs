@@ -6,6 +6,7 @@ mod info;
 mod init_random;
 mod peclip_args;
 mod predict;
+mod synth;
 mod table;
 mod zero_shot;
 
@@ -52,6 +53,8 @@ enum Command {
     ImportReference(import_reference::Args),
     /// Recognise the expression in clips with a PE-CLIP run directory.
     Predict(predict::Args),
+    /// Write a synthetic face-clip dataset (DFEW layout) driven by the classes' action units.
+    Synth(synth::Args),
 }
 
 /// The log level for `-v`/`-q` counts.
@@ -86,6 +89,7 @@ pub fn main() -> ExitCode {
         Command::Info(a) => info::run(a),
         Command::ImportReference(a) => import_reference::run(a),
         Command::Predict(a) => predict::run(a),
+        Command::Synth(a) => synth::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
