@@ -24,6 +24,8 @@ pub mod clip;
 #[cfg(feature = "train")]
 pub mod peclip;
 #[cfg(feature = "train")]
+pub mod train;
+#[cfg(feature = "train")]
 pub mod zero_shot;
 
 pub use classes::{ClassSet, ClassText};
