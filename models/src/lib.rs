@@ -6,6 +6,7 @@
 //! the CLIP backbone loaded from an HF directory and zero-shot recognition.
 #![cfg_attr(not(feature = "train"), forbid(unsafe_code))]
 
+pub mod augment;
 pub mod classes;
 pub mod dataset;
 pub mod error;
