@@ -216,7 +216,7 @@ mod tests {
             assert!((0.5..=1.5).contains(&a.brightness));
         }
         let min = areas.iter().copied().fold(1.0, f64::min);
-        assert!(min < 0.15 && min >= 0.07, "{min}");
+        assert!((0.07..0.15).contains(&min), "{min}");
         let rot = ClipAugment::draw(64, 64, Jitter::Rotation, &mut rng);
         assert!(rot.rotation_deg.abs() <= 4.0 && rot.brightness == 1.0);
     }
