@@ -395,6 +395,65 @@ mod train {
         assert_eq!(v["logits"].as_array().unwrap().len(), 7);
     }
 
+    /// `eval` on a synthetic test split: JSON metrics in 0..1, a confusion matrix covering every
+    /// clip, and an SVG confusion matrix.
+    #[test]
+    fn eval_reports_metrics_and_writes_the_confusion_image() {
+        let d = tempfile::tempdir().unwrap();
+        let (data, clip, r) = (
+            d.path().join("data"),
+            d.path().join("clip"),
+            d.path().join("run"),
+        );
+        let o = run(&[
+            "synth",
+            "--out",
+            s(&data),
+            "--train",
+            "7",
+            "--test",
+            "14",
+            "--size",
+            "32",
+            "--min-frames",
+            "4",
+            "--max-frames",
+            "5",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = run(&["init-random", "--arch", "tiny", "--run", s(&r), s(&clip)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let svg = d.path().join("cm.svg");
+        let o = run(&[
+            "eval",
+            "--checkpoint",
+            s(&r),
+            "--data",
+            s(&data),
+            "--split",
+            "test",
+            "--json",
+            "--plot",
+            s(&svg),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        for k in ["uar", "war"] {
+            let x = v[k].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&x), "{k} {x}");
+        }
+        assert_eq!(v["per_class_recall"].as_array().unwrap().len(), 7);
+        let total: u64 = v["confusion"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|c| c.as_u64().unwrap()))
+            .sum();
+        assert_eq!(total, 14);
+        let svg = std::fs::read_to_string(&svg).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("happiness") && svg.contains("UAR"));
+    }
+
     #[test]
     #[ignore = "full size: writes a 600 MB ViT-B/16 directory and runs PE-CLIP on 16 frames (~1-2 min); run with --ignored"]
     fn vit_b16_peclip_random_weights_load_and_run() {

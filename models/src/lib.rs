@@ -14,6 +14,7 @@ pub mod io;
 pub mod metrics;
 pub mod prediction;
 pub mod preprocess;
+pub mod report;
 pub mod rng;
 pub mod sampling;
 pub mod synth;

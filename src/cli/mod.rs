@@ -1,6 +1,7 @@
 //! Command-line parsing, logging and exit codes. Each subcommand has its own module; clap types
 //! stay in this module tree and never reach library code.
 
+mod eval;
 mod import_reference;
 mod info;
 mod init_random;
@@ -55,6 +56,8 @@ enum Command {
     Predict(predict::Args),
     /// Write a synthetic face-clip dataset (DFEW layout) driven by the classes' action units.
     Synth(synth::Args),
+    /// UAR, WAR, per-class recall and confusion matrix of a run on a dataset split.
+    Eval(eval::Args),
 }
 
 /// The log level for `-v`/`-q` counts.
@@ -90,6 +93,7 @@ pub fn main() -> ExitCode {
         Command::ImportReference(a) => import_reference::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Eval(a) => eval::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
