@@ -454,6 +454,88 @@ mod train {
         assert!(svg.contains("<svg") && svg.contains("happiness") && svg.contains("UAR"));
     }
 
+    /// Two epochs straight equal one epoch, a stop, and `--resume` for the second: same history,
+    /// same trainable tensors. The run's best model then evaluates and predicts.
+    #[test]
+    fn train_resume_matches_an_uninterrupted_run() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        let o = run(&[
+            "synth",
+            "--out",
+            s(&data),
+            "--train",
+            "14",
+            "--test",
+            "7",
+            "--size",
+            "32",
+            "--min-frames",
+            "4",
+            "--max-frames",
+            "6",
+            "--seed",
+            "2",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let train = |out: &Path, extra: &[&str]| {
+            let mut args = vec![
+                "-q",
+                "train",
+                "--data",
+                s(&data),
+                "--out",
+                s(out),
+                "--arch",
+                "tiny",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "7",
+                "--warmup-epochs",
+                "1",
+                "--seed",
+                "3",
+            ];
+            args.extend_from_slice(extra);
+            let o = run(&args);
+            assert!(o.status.success(), "{}", stderr(&o));
+        };
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        train(&a, &[]);
+        train(&b, &["--stop-after", "1"]);
+        let state = |p: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(p.join("train/state.json")).unwrap())
+                .unwrap()
+        };
+        assert_eq!(state(&b)["epochs_done"], 1);
+        train(&b, &["--resume"]);
+        let (sa, sb) = (state(&a), state(&b));
+        assert_eq!(sa["epochs_done"], 2);
+        for k in ["train_loss", "test_uar", "test_war", "lr_adapters"] {
+            for e in 0..2 {
+                assert_eq!(sa["history"][e][k], sb["history"][e][k], "epoch {e} {k}");
+            }
+        }
+        let load = |p: &Path| {
+            candle_core::safetensors::load(
+                p.join("train/last-e2.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap()
+        };
+        let (ta, tb) = (load(&a), load(&b));
+        assert_eq!(ta.len(), tb.len());
+        for (k, t) in &ta {
+            let d = pe_clip_models::clip::layers::max_abs_diff(t, &tb[k]).unwrap();
+            assert_eq!(d, 0.0, "{k} differs by {d}");
+        }
+        // Older epoch files are cleaned up; the best model is usable.
+        assert!(!a.join("train/last-e1.safetensors").exists());
+        let o = run(&["eval", "--checkpoint", s(&a), "--data", s(&data), "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+
     #[test]
     #[ignore = "full size: writes a 600 MB ViT-B/16 directory and runs PE-CLIP on 16 frames (~1-2 min); run with --ignored"]
     fn vit_b16_peclip_random_weights_load_and_run() {

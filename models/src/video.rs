@@ -72,10 +72,19 @@ pub fn decode_frame_file(path: &Path) -> std::result::Result<RgbImage, String> {
 
 /// Load a clip and sample `segments` frames with the test-time sampler.
 pub fn load_sampled_clip(path: &Path, segments: usize) -> Result<SampledClip> {
+    load_clip_sampled_by(path, |n| test_indices(n, segments))
+}
+
+/// Load a clip with any sampler: `pick(n)` gives the frame indices for `n` readable frames (it is
+/// called again if a picked frame turns out unreadable).
+pub fn load_clip_sampled_by(
+    path: &Path,
+    pick: impl FnMut(usize) -> Vec<usize>,
+) -> Result<SampledClip> {
     if path.is_dir() {
-        load_sampled_folder(path, segments)
+        load_sampled_folder(path, pick)
     } else if path.is_file() && has_extension(path, &["y4m"]) {
-        load_sampled_y4m(path, segments)
+        load_sampled_y4m(path, pick)
     } else if !path.exists() {
         Err(Error::io(
             path,
@@ -91,12 +100,19 @@ pub fn load_sampled_clip(path: &Path, segments: usize) -> Result<SampledClip> {
 /// Sample over the readable frames of a folder. Only the sampled files are decoded (in
 /// parallel); when one turns out unreadable it is dropped and the sampler runs again over the
 /// remaining files, so the result equals sampling over the readable frames.
-fn load_sampled_folder(dir: &Path, segments: usize) -> Result<SampledClip> {
+fn load_sampled_folder(
+    dir: &Path,
+    mut pick: impl FnMut(usize) -> Vec<usize>,
+) -> Result<SampledClip> {
     let mut files = list_frame_files(dir)?;
     let mut decoded: HashMap<PathBuf, RgbImage> = HashMap::new();
     let mut skipped: Vec<SkippedFrame> = Vec::new();
     loop {
-        let idx = test_indices(files.len(), segments);
+        let idx = if files.is_empty() {
+            Vec::new()
+        } else {
+            pick(files.len())
+        };
         if idx.is_empty() {
             return Err(Error::NoReadableFrames {
                 path: dir.to_path_buf(),
@@ -311,9 +327,13 @@ fn to_u8(v: f32) -> u8 {
 }
 
 /// Sample a `.y4m` clip; only the sampled frames are converted to RGB (in parallel).
-fn load_sampled_y4m(path: &Path, segments: usize) -> Result<SampledClip> {
+fn load_sampled_y4m(path: &Path, mut pick: impl FnMut(usize) -> Vec<usize>) -> Result<SampledClip> {
     let raw = read_y4m_raw(path)?;
-    let idx = test_indices(raw.frames.len(), segments);
+    let idx = if raw.frames.is_empty() {
+        Vec::new()
+    } else {
+        pick(raw.frames.len())
+    };
     if idx.is_empty() {
         return Err(Error::NoReadableFrames {
             path: path.to_path_buf(),

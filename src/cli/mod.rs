@@ -9,6 +9,7 @@ mod peclip_args;
 mod predict;
 mod synth;
 mod table;
+mod train;
 mod zero_shot;
 
 use std::process::ExitCode;
@@ -56,6 +57,8 @@ enum Command {
     Predict(predict::Args),
     /// Write a synthetic face-clip dataset (DFEW layout) driven by the classes' action units.
     Synth(synth::Args),
+    /// Train PE-CLIP on a dataset (per-epoch evaluation, resumable checkpoints).
+    Train(train::Args),
     /// UAR, WAR, per-class recall and confusion matrix of a run on a dataset split.
     Eval(eval::Args),
 }
@@ -93,6 +96,7 @@ pub fn main() -> ExitCode {
         Command::ImportReference(a) => import_reference::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
     };
     match result {

@@ -66,55 +66,7 @@ impl PeClip {
         tokenizer: &ClipTokenizer,
     ) -> Result<Self> {
         config.validate(&clip.config)?;
-        let want = trainable_specs(&config, &clip.config);
-        if want != trainables.specs {
-            return Err(Error::Config(
-                "the trainable tensors do not match the PE-CLIP config and backbone".into(),
-            ));
-        }
-        let a = &config.adapters;
-        let vision_adapters = (0..clip.config.vision_config.num_hidden_layers)
-            .map(|i| {
-                let p = format!("visual.transformer.resblocks.{i}");
-                Ok(VisionAdapters {
-                    shared: a
-                        .vision_shared
-                        .then(|| Adapter::new(&trainables, &format!("{p}.adapter_pre_attn")))
-                        .transpose()?,
-                    temporal: a
-                        .temporal
-                        .then(|| {
-                            TemporalAdapter::new(
-                                &trainables,
-                                &format!("{p}.adapter_pre_mlp"),
-                                config.temporal_cell,
-                                config.scale_at,
-                            )
-                        })
-                        .transpose()?,
-                })
-            })
-            .collect::<Result<_>>()?;
-        let text_adapters = (0..clip.config.text_config.num_hidden_layers)
-            .map(|i| {
-                let p = format!("transformer.resblocks.{i}");
-                Ok(TextAdapters {
-                    shared: a
-                        .text_shared
-                        .then(|| Adapter::new(&trainables, &format!("{p}.adapter_pre_attn")))
-                        .transpose()?,
-                    text: a
-                        .text
-                        .then(|| Adapter::new(&trainables, &format!("{p}.adapter_pre_mlp")))
-                        .transpose()?,
-                })
-            })
-            .collect::<Result<_>>()?;
-        let prompts = config
-            .prompts
-            .enabled
-            .then(|| PromptLearner::new(&trainables, config.prompts.depth))
-            .transpose()?;
+        let (vision_adapters, text_adapters, prompts) = build_parts(&config, &clip, &trainables)?;
         let context = clip.config.text_config.max_position_embeddings;
         let (class_ids, class_eot): (Vec<_>, Vec<_>) = classes
             .descriptors()
@@ -131,6 +83,20 @@ impl PeClip {
             prompts,
             class_ids,
             class_eot,
+        })
+    }
+
+    /// The same model over `trainables` (for example an inference view of the variables being
+    /// trained: `self.trainables.clone().into_inference()` shares their storage).
+    pub fn with_trainables(&self, trainables: Trainables) -> Result<Self> {
+        let (vision_adapters, text_adapters, prompts) =
+            build_parts(&self.config, &self.clip, &trainables)?;
+        Ok(Self {
+            trainables,
+            vision_adapters,
+            text_adapters,
+            prompts,
+            ..self.clone()
         })
     }
 
@@ -278,6 +244,66 @@ impl PeClip {
         let video = feats.reshape((b, t, e))?.mean(1)?;
         self.logits_from(&video, text_normalized)
     }
+}
+
+type Parts = (
+    Vec<VisionAdapters>,
+    Vec<TextAdapters>,
+    Option<PromptLearner>,
+);
+
+/// The adapters and prompts of `config` read from `trainables`.
+fn build_parts(config: &PeClipConfig, clip: &ClipModel, trainables: &Trainables) -> Result<Parts> {
+    let want = trainable_specs(config, &clip.config);
+    if want != trainables.specs {
+        return Err(Error::Config(
+            "the trainable tensors do not match the PE-CLIP config and backbone".into(),
+        ));
+    }
+    let a = &config.adapters;
+    let vision_adapters = (0..clip.config.vision_config.num_hidden_layers)
+        .map(|i| {
+            let p = format!("visual.transformer.resblocks.{i}");
+            Ok(VisionAdapters {
+                shared: a
+                    .vision_shared
+                    .then(|| Adapter::new(trainables, &format!("{p}.adapter_pre_attn")))
+                    .transpose()?,
+                temporal: a
+                    .temporal
+                    .then(|| {
+                        TemporalAdapter::new(
+                            trainables,
+                            &format!("{p}.adapter_pre_mlp"),
+                            config.temporal_cell,
+                            config.scale_at,
+                        )
+                    })
+                    .transpose()?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let text_adapters = (0..clip.config.text_config.num_hidden_layers)
+        .map(|i| {
+            let p = format!("transformer.resblocks.{i}");
+            Ok(TextAdapters {
+                shared: a
+                    .text_shared
+                    .then(|| Adapter::new(trainables, &format!("{p}.adapter_pre_attn")))
+                    .transpose()?,
+                text: a
+                    .text
+                    .then(|| Adapter::new(trainables, &format!("{p}.adapter_pre_mlp")))
+                    .transpose()?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let prompts = config
+        .prompts
+        .enabled
+        .then(|| PromptLearner::new(trainables, config.prompts.depth))
+        .transpose()?;
+    Ok((vision_adapters, text_adapters, prompts))
 }
 
 /// One text block with ShA and TA (reference 3.3).

@@ -1,0 +1,187 @@
+//! `pe-clip train`: train PE-CLIP on a dataset, with per-epoch evaluation and resumable
+//! checkpoints.
+
+use std::path::PathBuf;
+
+use super::peclip_args::PeClipArgs;
+
+/// Arguments of `pe-clip train`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Dataset root (DFEW, FERV39K, a manifest, or `pe-clip synth` output).
+    #[arg(long)]
+    data: PathBuf,
+    /// Run directory to write (checkpoints, history, best model).
+    #[arg(long)]
+    out: PathBuf,
+    /// Backbone: an HF CLIP directory (real weights), or vit-b16 / vit-b32 / tiny for a random
+    /// backbone written into the run directory.
+    #[arg(long, default_value = "tiny")]
+    arch: String,
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Clips per optimiser step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Gradient accumulation: micro-batches per step (the batch is split into this many parts).
+    #[arg(long, default_value_t = 1)]
+    accumulate: usize,
+    /// Learning rate of the adapters.
+    #[arg(long, default_value_t = 2e-4)]
+    lr_adapters: f64,
+    /// Learning rate of the prompt learner.
+    #[arg(long, default_value_t = 3e-5)]
+    lr_prompts: f64,
+    /// Warm-up epochs (linear from 2e-5).
+    #[arg(long, default_value_t = 3)]
+    warmup_epochs: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// DFEW fold (1..5).
+    #[arg(long, default_value_t = 1)]
+    fold: usize,
+    /// Clip-level jitter: brightness (DFEW), rotation (FERV39K) or none.
+    #[arg(long, default_value = "brightness", value_parser = ["brightness", "rotation", "none"])]
+    jitter: String,
+    /// No Mixup / FMix.
+    #[arg(long)]
+    no_mix: bool,
+    /// Continue the run in --out from its last finished epoch.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many epochs in total (the run can be resumed later).
+    #[arg(long, hide = true)]
+    stop_after: Option<usize>,
+    #[command(flatten)]
+    peclip: PeClipArgs,
+    /// Compute device: cpu, or cuda (needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[cfg(feature = "train")]
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    use anyhow::Context;
+    use pe_clip_models::clip::random::write_random_model;
+    use pe_clip_models::clip::{Arch, ClipConfig, ClipModel};
+    use pe_clip_models::peclip::checkpoint::{created_by, BackboneRef, RUN_FORMAT_VERSION};
+    use pe_clip_models::peclip::{trainable_specs, PeClip, RunConfig, Trainables};
+    use pe_clip_models::tokenizer::ClipTokenizer;
+    use pe_clip_models::train::{train, TrainConfig, TrainJob};
+    use pe_clip_models::{ClassSet, PixelNorm, PreprocessSpec};
+
+    let device = super::zero_shot::device_from_name(&args.device)?;
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        accumulate: args.accumulate,
+        adapter_lr: args.lr_adapters,
+        prompt_lr: args.lr_prompts,
+        warmup_epochs: args.warmup_epochs,
+        warmup_lr_init: 2e-5,
+        seed: args.seed,
+        segments: pe_clip_models::sampling::NUM_SEGMENTS,
+        fold: args.fold,
+        mix: !args.no_mix,
+        jitter: args.jitter.clone(),
+    };
+    cfg.validate()?;
+    let run = if args.resume {
+        RunConfig::read(&args.out).context("cannot resume")?
+    } else {
+        let (backbone, clip_cfg) = match args.arch.parse::<Arch>() {
+            Ok(arch) => {
+                let cfg = ClipConfig::preset(arch);
+                let dir = args.out.join("backbone");
+                write_random_model(&dir, &cfg, args.seed)?;
+                (PathBuf::from("backbone"), cfg)
+            }
+            Err(_) => {
+                let dir = std::path::absolute(&args.arch)?;
+                let cfg = pe_clip_models::clip::load_config(&dir).with_context(|| {
+                    format!(
+                        "--arch {} is neither tiny/vit-b16/vit-b32 nor an HF CLIP directory",
+                        args.arch
+                    )
+                })?;
+                (dir, cfg)
+            }
+        };
+        let peclip = args.peclip.to_config();
+        peclip.validate(&clip_cfg)?;
+        RunConfig {
+            format_version: RUN_FORMAT_VERSION,
+            backbone: BackboneRef {
+                path: backbone,
+                vision_heads: clip_cfg.vision_config.num_attention_heads,
+                text_heads: clip_cfg.text_config.num_attention_heads,
+            },
+            preprocess: PreprocessSpec {
+                image_size: clip_cfg.vision_config.image_size,
+                pixel_norm: PixelNorm::None,
+            },
+            clip: clip_cfg,
+            peclip,
+            classes: ClassSet::default(),
+            created_by: created_by(),
+        }
+    };
+    let backbone = run.backbone_path(&args.out);
+    let heads = pe_clip_models::clip::openai::HeadOverrides {
+        vision: Some(run.backbone.vision_heads),
+        text: Some(run.backbone.text_heads),
+    };
+    let clip = ClipModel::load_any(&backbone, heads, &device)?;
+    let specs = trainable_specs(&run.peclip, &clip.config);
+    let trainables = Trainables::init(specs, args.seed, &device)?;
+    let tokenizer = if backbone.is_dir() {
+        ClipTokenizer::from_hf_dir_or_embedded(&backbone)?
+    } else {
+        ClipTokenizer::embedded()?
+    };
+    let model = PeClip::new(
+        run.peclip.clone(),
+        clip,
+        trainables,
+        run.classes.clone(),
+        &tokenizer,
+    )?;
+    let quiet = log::max_level() < log::LevelFilter::Warn;
+    let epochs = cfg.epochs;
+    let mut report = |r: &pe_clip_models::train::EpochRecord| {
+        if !quiet {
+            eprintln!(
+                "epoch {}/{epochs}  loss {:.4}  test UAR {:.1} %  WAR {:.1} %  lr {:.1e}/{:.1e}  {:.1} s ({:.1} clips/s, waited {:.2} s for data)",
+                r.epoch,
+                r.train_loss,
+                100.0 * r.test_uar,
+                100.0 * r.test_war,
+                r.lr_adapters,
+                r.lr_prompts,
+                r.seconds,
+                r.train_clips_per_second,
+                r.loader_wait_seconds
+            );
+        }
+    };
+    let job = TrainJob {
+        data: &args.data,
+        out: &args.out,
+        resume: args.resume,
+        stop_after: args.stop_after,
+    };
+    let state = train(&model, &run, &cfg, job, &mut report).context("training failed")?;
+    println!(
+        "{}: {} epochs done, best test UAR {:.2} % at epoch {}",
+        args.out.display(),
+        state.epochs_done,
+        100.0 * state.best_uar.max(0.0),
+        state.best_epoch.map_or("-".to_string(), |e| e.to_string())
+    );
+    Ok(super::EXIT_OK)
+}
+
+#[cfg(not(feature = "train"))]
+pub fn run(_args: Args) -> anyhow::Result<u8> {
+    Err(super::built_without_train("train"))
+}
