@@ -530,8 +530,10 @@ mod train {
             let d = pe_clip_models::clip::layers::max_abs_diff(t, &tb[k]).unwrap();
             assert_eq!(d, 0.0, "{k} differs by {d}");
         }
-        // Older epoch files are cleaned up; the best model is usable.
+        // Older epoch files are cleaned up; curves are drawn; the best model is usable.
         assert!(!a.join("train/last-e1.safetensors").exists());
+        let curves = std::fs::read_to_string(a.join("train/curves.svg")).unwrap();
+        assert_eq!(curves.matches("<polyline").count(), 3);
         let o = run(&["eval", "--checkpoint", s(&a), "--data", s(&data), "--json"]);
         assert!(o.status.success(), "{}", stderr(&o));
     }

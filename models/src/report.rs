@@ -85,6 +85,93 @@ pub fn confusion_svg(m: &Metrics, names: &[&str], title: &str) -> String {
     s
 }
 
+/// Training curves: train loss (left axis) and test UAR / WAR in % (right axis) per epoch.
+pub fn curves_svg(epochs: &[usize], loss: &[f64], uar: &[f64], war: &[f64], title: &str) -> String {
+    let (w, h, left, right, top, bottom) = (640.0, 360.0, 60.0, 60.0, 40.0, 40.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let n = epochs.len().max(1);
+    let last = *epochs.last().unwrap_or(&1) as f64;
+    let first = *epochs.first().unwrap_or(&1) as f64;
+    let x = |e: usize| {
+        left + if n > 1 {
+            (e as f64 - first) / (last - first).max(1.0) * pw
+        } else {
+            pw / 2.0
+        }
+    };
+    let max_loss = loss.iter().copied().fold(1e-9, f64::max) * 1.05;
+    let yl = |v: f64| top + ph * (1.0 - v / max_loss);
+    let yp = |v: f64| top + ph * (1.0 - v);
+    let line = |ys: Vec<f64>, color: &str| -> String {
+        let pts: Vec<String> = epochs
+            .iter()
+            .zip(ys)
+            .map(|(&e, y)| format!("{:.1},{:.1}", x(e), y))
+            .collect();
+        let dots: String = pts
+            .iter()
+            .map(|p| {
+                let (cx, cy) = p.split_once(',').unwrap_or(("0", "0"));
+                format!("<circle cx=\"{cx}\" cy=\"{cy}\" r=\"3\" fill=\"{color}\"/>")
+            })
+            .collect();
+        format!(
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>{dots}\n",
+            pts.join(" ")
+        )
+    };
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"22\" font-size=\"15\">{}</text>\n\
+         <rect x=\"{left}\" y=\"{top}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#999\"/>\n",
+        escape(title)
+    );
+    for k in 0..=4 {
+        let f = f64::from(k) / 4.0;
+        s.push_str(&format!(
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/>\n\
+             <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#c0392b\">{:.2}</text>\n\
+             <text x=\"{}\" y=\"{:.1}\" fill=\"#2471a3\">{:.0} %</text>\n",
+            left + pw,
+            left - 6.0,
+            yl(f * max_loss) + 4.0,
+            f * max_loss,
+            left + pw + 6.0,
+            yp(f) + 4.0,
+            100.0 * f,
+            y = yp(f)
+        ));
+    }
+    for &e in epochs {
+        s.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{e}</text>\n",
+            x(e),
+            top + ph + 16.0
+        ));
+    }
+    s.push_str(&format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">epoch</text>\n",
+        left + pw / 2.0,
+        h - 6.0
+    ));
+    s.push_str(&line(loss.iter().map(|&v| yl(v)).collect(), "#c0392b"));
+    s.push_str(&line(uar.iter().map(|&v| yp(v)).collect(), "#2471a3"));
+    s.push_str(&line(war.iter().map(|&v| yp(v)).collect(), "#76b7e5"));
+    s.push_str(&format!(
+        "<text x=\"{}\" y=\"{}\" fill=\"#c0392b\">train loss</text>\n\
+         <text x=\"{}\" y=\"{}\" fill=\"#2471a3\">test UAR</text>\n\
+         <text x=\"{}\" y=\"{}\" fill=\"#76b7e5\">test WAR</text>\n</svg>\n",
+        left + 10.0,
+        top + 16.0,
+        left + 110.0,
+        top + 16.0,
+        left + 200.0,
+        top + 16.0
+    ));
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +188,19 @@ mod tests {
         assert!(svg.contains("happy &lt;1&gt;") && svg.contains(">sad<"));
         assert!(svg.contains("UAR 75.0 %") && svg.contains("WAR 66.7 %"));
         assert_eq!(svg.matches("<rect x=").count(), 4);
+    }
+
+    #[test]
+    fn curves_have_one_point_per_epoch_per_series() {
+        let svg = curves_svg(
+            &[1, 2, 3],
+            &[1.9, 1.5, 1.2],
+            &[0.2, 0.4, 0.5],
+            &[0.3, 0.45, 0.55],
+            "run",
+        );
+        assert_eq!(svg.matches("<polyline").count(), 3);
+        assert_eq!(svg.matches("<circle").count(), 9);
+        assert!(svg.contains("test UAR") && svg.contains(">run<"));
     }
 }

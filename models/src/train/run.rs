@@ -6,6 +6,7 @@
 //! the reference selects it):
 //! ```text
 //! train/state.json               config, finished epochs, history; written last (the commit point)
+//! train/curves.svg               training loss and test UAR/WAR per epoch
 //! train/last-eN.safetensors      trainables after epoch N
 //! train/optim-eN.safetensors     AdamW moments after epoch N
 //! ```
@@ -469,6 +470,15 @@ pub fn train(
         state.history.push(record.clone());
         let json = serde_json::to_string_pretty(&state).expect("state serialises");
         crate::io::write_atomic(&state_path(out), json.as_bytes())?;
+        let h = &state.history;
+        let svg = crate::report::curves_svg(
+            &h.iter().map(|r| r.epoch).collect::<Vec<_>>(),
+            &h.iter().map(|r| r.train_loss).collect::<Vec<_>>(),
+            &h.iter().map(|r| r.test_uar).collect::<Vec<_>>(),
+            &h.iter().map(|r| r.test_war).collect::<Vec<_>>(),
+            &format!("{}: training curves", out.display()),
+        );
+        crate::io::write_atomic(&train_dir.join("curves.svg"), svg.as_bytes())?;
         for old in [
             format!("last-e{epoch}.safetensors"),
             format!("optim-e{epoch}.safetensors"),
