@@ -454,6 +454,15 @@ mod train {
         assert!(svg.contains("<svg") && svg.contains("happiness") && svg.contains("UAR"));
     }
 
+    #[test]
+    fn bench_train_reports_throughput_and_memory() {
+        let o = run(&["bench", "train", "--arch", "tiny", "--steps", "1", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(v["steps_per_second"].as_f64().unwrap() > 0.0);
+        assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1_000_000);
+    }
+
     /// Two epochs straight equal one epoch, a stop, and `--resume` for the second: same history,
     /// same trainable tensors. The run's best model then evaluates and predicts.
     #[test]

@@ -1,6 +1,7 @@
 //! Command-line parsing, logging and exit codes. Each subcommand has its own module; clap types
 //! stay in this module tree and never reach library code.
 
+mod bench;
 mod eval;
 mod import_reference;
 mod info;
@@ -61,6 +62,8 @@ enum Command {
     Train(train::Args),
     /// UAR, WAR, per-class recall and confusion matrix of a run on a dataset split.
     Eval(eval::Args),
+    /// Benchmarks: training throughput and memory.
+    Bench(bench::Args),
 }
 
 /// The log level for `-v`/`-q` counts.
@@ -98,6 +101,7 @@ pub fn main() -> ExitCode {
         Command::Synth(a) => synth::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
