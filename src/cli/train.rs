@@ -63,10 +63,11 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<u8> {
     use anyhow::Context;
     use pe_clip_models::clip::random::write_random_model;
-    use pe_clip_models::clip::{Arch, ClipConfig, ClipModel};
-    use pe_clip_models::peclip::checkpoint::{created_by, BackboneRef, RUN_FORMAT_VERSION};
+    use pe_clip_models::clip::{Arch, ClipConfig};
+    use pe_clip_models::peclip::checkpoint::{
+        created_by, load_backbone, BackboneRef, RUN_FORMAT_VERSION,
+    };
     use pe_clip_models::peclip::{trainable_specs, PeClip, RunConfig, Trainables};
-    use pe_clip_models::tokenizer::ClipTokenizer;
     use pe_clip_models::train::{train, TrainConfig, TrainJob};
     use pe_clip_models::{ClassSet, PixelNorm, PreprocessSpec};
 
@@ -126,19 +127,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             created_by: created_by(),
         }
     };
-    let backbone = run.backbone_path(&args.out);
-    let heads = pe_clip_models::clip::openai::HeadOverrides {
-        vision: Some(run.backbone.vision_heads),
-        text: Some(run.backbone.text_heads),
-    };
-    let clip = ClipModel::load_any(&backbone, heads, &device)?;
+    let (clip, tokenizer) = load_backbone(&run, &args.out, &device)?;
     let specs = trainable_specs(&run.peclip, &clip.config);
     let trainables = Trainables::init(specs, args.seed, &device)?;
-    let tokenizer = if backbone.is_dir() {
-        ClipTokenizer::from_hf_dir_or_embedded(&backbone)?
-    } else {
-        ClipTokenizer::embedded()?
-    };
     let model = PeClip::new(
         run.peclip.clone(),
         clip,

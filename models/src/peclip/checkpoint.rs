@@ -114,15 +114,13 @@ pub fn save_run(dir: &Path, config: &RunConfig, trainables: &Trainables) -> Resu
     crate::io::write_atomic(&dir.join(RUN_CONFIG_FILE), json.as_bytes())
 }
 
-/// Load a run directory into a model for inference (no gradients are recorded).
-pub fn load_run(dir: &Path, device: &Device) -> Result<(PeClip, RunConfig)> {
-    if !dir.is_dir() {
-        return Err(Error::io(
-            dir,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "run directory not found"),
-        ));
-    }
-    let cfg = RunConfig::read(dir)?;
+/// The frozen backbone a run refers to, checked against the sizes it recorded, and the tokenizer
+/// that goes with it.
+pub fn load_backbone(
+    cfg: &RunConfig,
+    dir: &Path,
+    device: &Device,
+) -> Result<(ClipModel, ClipTokenizer)> {
     let backbone = cfg.backbone_path(dir);
     let heads = HeadOverrides {
         vision: Some(cfg.backbone.vision_heads),
@@ -141,14 +139,27 @@ pub fn load_run(dir: &Path, device: &Device) -> Result<(PeClip, RunConfig)> {
             ),
         ));
     }
-    let specs = trainable_specs(&cfg.peclip, &clip.config);
-    let weights = Weights::open(&dir.join(TRAINABLES_FILE), device)?;
-    let trainables = Trainables::from_weights(specs, &weights, str::to_string)?.into_inference();
     let tokenizer = if backbone.is_dir() {
         ClipTokenizer::from_hf_dir_or_embedded(&backbone)?
     } else {
         ClipTokenizer::embedded()?
     };
+    Ok((clip, tokenizer))
+}
+
+/// Load a run directory into a model for inference (no gradients are recorded).
+pub fn load_run(dir: &Path, device: &Device) -> Result<(PeClip, RunConfig)> {
+    if !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "run directory not found"),
+        ));
+    }
+    let cfg = RunConfig::read(dir)?;
+    let (clip, tokenizer) = load_backbone(&cfg, dir, device)?;
+    let specs = trainable_specs(&cfg.peclip, &clip.config);
+    let weights = Weights::open(&dir.join(TRAINABLES_FILE), device)?;
+    let trainables = Trainables::from_weights(specs, &weights, str::to_string)?.into_inference();
     let model = PeClip::new(
         cfg.peclip.clone(),
         clip,
