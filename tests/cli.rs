@@ -454,6 +454,96 @@ mod train {
         assert!(svg.contains("<svg") && svg.contains("happiness") && svg.contains("UAR"));
     }
 
+    /// `pretrain` writes an HF CLIP directory that `train --arch DIR` adapts PE-CLIP on, and
+    /// `summarize` averages `eval --json` reports.
+    #[test]
+    fn pretrain_then_train_on_it_then_summarize() {
+        let d = tempfile::tempdir().unwrap();
+        let (data, clip, r) = (
+            d.path().join("data"),
+            d.path().join("clip"),
+            d.path().join("run"),
+        );
+        let o = run(&[
+            "synth",
+            "--out",
+            s(&data),
+            "--train",
+            "7",
+            "--test",
+            "7",
+            "--size",
+            "32",
+            "--min-frames",
+            "4",
+            "--max-frames",
+            "5",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = run(&[
+            "-q",
+            "pretrain",
+            "--out",
+            s(&clip),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--render-size",
+            "32",
+            "--warmup-steps",
+            "1",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let history: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(clip.join("pretrain.json")).unwrap())
+                .unwrap();
+        assert_eq!(history["report"]["history"].as_array().unwrap().len(), 2);
+        let o = run(&[
+            "-q",
+            "train",
+            "--data",
+            s(&data),
+            "--out",
+            s(&r),
+            "--arch",
+            s(&clip),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "7",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut reports = Vec::new();
+        for fold_file in ["a.json", "b.json"] {
+            let o = run(&[
+                "eval",
+                "--checkpoint",
+                s(&r),
+                "--data",
+                s(&data),
+                "--split",
+                "test",
+                "--json",
+            ]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            let p = d.path().join(fold_file);
+            std::fs::write(&p, &o.stdout).unwrap();
+            reports.push(p);
+        }
+        let o = run(&["summarize", "--json", s(&reports[0]), s(&reports[1])]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let one: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&reports[0]).unwrap()).unwrap();
+        assert_eq!(v["uar_mean"], one["uar"]);
+        assert_eq!(v["uar_std"].as_f64(), Some(0.0));
+        // A file that is not an eval report is named.
+        let o = run(&["summarize", s(&clip.join("config.json"))]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains("config.json"), "{}", stderr(&o));
+    }
+
     #[test]
     fn bench_train_reports_throughput_and_memory() {
         let o = run(&["bench", "train", "--arch", "tiny", "--steps", "1", "--json"]);

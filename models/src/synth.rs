@@ -70,6 +70,56 @@ pub fn class_aus(label: usize) -> &'static [usize] {
     }
 }
 
+/// The FACS names of the 13 AUs of [`AuState`], as the class descriptors spell them.
+pub const AU_NAMES: [&str; 13] = [
+    "Inner Brow Raiser",
+    "Outer Brow Raiser",
+    "Brow Lowerer",
+    "Upper Lid Raiser",
+    "Cheek Raiser",
+    "Lid Tightener",
+    "Nose Wrinkler",
+    "Lip Corner Puller",
+    "Lip Corner Depressor",
+    "Lower Lip Depressor",
+    "Lip Stretcher",
+    "Jaw Drop",
+    "Lip Tightener",
+];
+
+/// A frame-level caption of what the face shows: the AUs at or above 0.25 in FACS order, those
+/// below 0.55 marked "Slight"; a face with none gets a resting-face caption. Blinks and speech are
+/// not described. This is the text side of `pe-clip pretrain` (a stand-in for CLIP's web captions).
+pub fn caption(s: &AuState) -> String {
+    let parts: Vec<String> =
+        s.au.iter()
+            .zip(AU_NAMES)
+            .filter(|(&a, _)| a >= 0.25)
+            .map(|(&a, name)| {
+                if a < 0.55 {
+                    format!("Slight {name}")
+                } else {
+                    name.to_string()
+                }
+            })
+            .collect();
+    if parts.is_empty() {
+        "Relaxed Muscles, Even Eyebrows, Closed Lips, Calm Eyes, Smooth Forehead.".to_string()
+    } else {
+        format!("{}.", parts.join(", "))
+    }
+}
+
+/// One random frame of a random clip of a new identity (class, clip and time uniform), with its
+/// AU state: the image side of `pe-clip pretrain`.
+pub fn random_frame(rng: &mut SeededRng, opts: &SynthOptions, size: u32) -> (RgbImage, AuState) {
+    let identity = Identity::random(rng);
+    let label = rng.below(SYNTH_CLASSES);
+    let spec = ClipSpec::random(identity, label, opts, rng);
+    let t = rng.below(spec.frames);
+    (spec.render(t, size), spec.aus_at(t))
+}
+
 /// Number of classes the generator knows.
 pub const SYNTH_CLASSES: usize = 7;
 
@@ -825,6 +875,36 @@ mod tests {
         };
         assert!(ids("train").is_disjoint(&ids("test")));
         assert!(!ids("test").is_empty());
+    }
+
+    #[test]
+    fn captions_name_the_active_aus() {
+        let mut s = AuState::default();
+        assert!(caption(&s).starts_with("Relaxed Muscles"));
+        s.au[AU6] = 0.9;
+        s.au[AU12] = 0.4;
+        s.au[AU4] = 0.1;
+        assert_eq!(caption(&s), "Cheek Raiser, Slight Lip Corner Puller.");
+        // The apex of every class but neutral reads as its descriptor's AUs.
+        for label in [0, 1, 3, 4, 5, 6] {
+            let mut s = AuState::default();
+            for &au in class_aus(label) {
+                s.au[au] = 1.0;
+            }
+            let want: Vec<&str> = class_aus(label).iter().map(|&a| AU_NAMES[a]).collect();
+            let got = caption(&s);
+            for w in want {
+                assert!(got.contains(w), "{got} lacks {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn random_frames_are_deterministic() {
+        let opts = SynthOptions::default();
+        let (a, sa) = random_frame(&mut SeededRng::new(4), &opts, 32);
+        let (b, sb) = random_frame(&mut SeededRng::new(4), &opts, 32);
+        assert_eq!((a, sa), (b, sb));
     }
 
     #[test]

@@ -8,6 +8,9 @@ mod info;
 mod init_random;
 mod peclip_args;
 mod predict;
+mod pretrain;
+mod progress;
+mod summarize;
 mod synth;
 mod table;
 mod train;
@@ -58,10 +61,14 @@ enum Command {
     Predict(predict::Args),
     /// Write a synthetic face-clip dataset (DFEW layout) driven by the classes' action units.
     Synth(synth::Args),
+    /// Pre-train a small CLIP-shaped backbone on synthetic frames and AU captions (no CLIP needed).
+    Pretrain(pretrain::Args),
     /// Train PE-CLIP on a dataset (per-epoch evaluation, resumable checkpoints).
     Train(train::Args),
     /// UAR, WAR, per-class recall and confusion matrix of a run on a dataset split.
     Eval(eval::Args),
+    /// Mean and spread of UAR/WAR over several `eval --json` reports (e.g. 5 DFEW folds).
+    Summarize(summarize::Args),
     /// Benchmarks: training throughput and memory.
     Bench(bench::Args),
 }
@@ -99,8 +106,10 @@ pub fn main() -> ExitCode {
         Command::ImportReference(a) => import_reference::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Pretrain(a) => pretrain::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Summarize(a) => summarize::run(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {

@@ -68,7 +68,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         created_by, load_backbone, BackboneRef, RUN_FORMAT_VERSION,
     };
     use pe_clip_models::peclip::{trainable_specs, PeClip, RunConfig, Trainables};
-    use pe_clip_models::train::{train, TrainConfig, TrainJob};
+    use pe_clip_models::train::{train, Progress, TrainConfig, TrainJob};
     use pe_clip_models::{ClassSet, PixelNorm, PreprocessSpec};
 
     let device = super::zero_shot::device_from_name(&args.device)?;
@@ -139,21 +139,46 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     )?;
     let quiet = log::max_level() < log::LevelFilter::Warn;
     let epochs = cfg.epochs;
-    let mut report = |r: &pe_clip_models::train::EpochRecord| {
-        if !quiet {
-            eprintln!(
-                "epoch {}/{epochs}  loss {:.4}  test UAR {:.1} %  WAR {:.1} %  lr {:.1e}/{:.1e}  {:.1} s ({:.1} clips/s, waited {:.2} s for data)",
-                r.epoch,
-                r.train_loss,
-                100.0 * r.test_uar,
-                100.0 * r.test_war,
-                r.lr_adapters,
-                r.lr_prompts,
-                r.seconds,
-                r.train_clips_per_second,
-                r.loader_wait_seconds
-            );
+    let show_bar = super::progress::want_bar_here(quiet);
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut report = |p: Progress<'_>| match p {
+        Progress::Step {
+            epoch,
+            batch,
+            batches,
+            loss,
+        } if show_bar => {
+            let b = bar.get_or_insert_with(|| {
+                super::progress::bar(batches as u64, format!("epoch {epoch}/{epochs}"))
+            });
+            b.set_position(batch as u64);
+            b.set_message(format!("loss {loss:.4}"));
         }
+        Progress::Evaluating { .. } => {
+            if let Some(b) = &bar {
+                b.set_message("evaluating");
+            }
+        }
+        Progress::Epoch(r) => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            if !quiet {
+                eprintln!(
+                    "epoch {}/{epochs}  loss {:.4}  test UAR {:.1} %  WAR {:.1} %  lr {:.1e}/{:.1e}  {:.1} s ({:.1} clips/s, waited {:.2} s for data)",
+                    r.epoch,
+                    r.train_loss,
+                    100.0 * r.test_uar,
+                    100.0 * r.test_war,
+                    r.lr_adapters,
+                    r.lr_prompts,
+                    r.seconds,
+                    r.train_clips_per_second,
+                    r.loader_wait_seconds
+                );
+            }
+        }
+        Progress::Step { .. } => {}
     };
     let job = TrainJob {
         data: &args.data,

@@ -8,6 +8,7 @@ pub mod encoder;
 pub mod layers;
 pub mod mlp;
 pub mod openai;
+pub mod pretrain;
 pub mod random;
 pub mod text;
 pub mod vision;

@@ -12,17 +12,27 @@ use crate::error::{Error, Result};
 /// the mapping into the tensor's storage.
 pub struct Weights {
     path: PathBuf,
-    mmap: memmap2::Mmap,
-    header_len: usize,
-    infos: HashMap<String, TensorInfo>,
+    source: Source,
     device: Device,
+}
+
+enum Source {
+    /// A mapped safetensors file.
+    Mapped {
+        mmap: memmap2::Mmap,
+        header_len: usize,
+        infos: HashMap<String, TensorInfo>,
+    },
+    /// Tensors already in memory (e.g. the variables of a model being trained): `get` hands out
+    /// the tensors themselves, so a model built from them shares their storage and gradients.
+    Memory(HashMap<String, Tensor>),
 }
 
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Weights")
             .field("path", &self.path)
-            .field("tensors", &self.infos.len())
+            .field("tensors", &self.keys().count())
             .finish()
     }
 }
@@ -43,11 +53,23 @@ impl Weights {
         let infos = metadata_infos(&metadata);
         Ok(Self {
             path: path.to_path_buf(),
-            mmap,
-            header_len,
-            infos,
+            source: Source::Mapped {
+                mmap,
+                header_len,
+                infos,
+            },
             device: device.clone(),
         })
+    }
+
+    /// Weights held in memory; `label` names them in errors (e.g. `<pretraining variables>`).
+    /// Every tensor must be f32 on `device`.
+    pub fn from_tensors(label: &str, tensors: HashMap<String, Tensor>, device: &Device) -> Self {
+        Self {
+            path: PathBuf::from(label),
+            source: Source::Memory(tensors),
+            device: device.clone(),
+        }
     }
 
     /// The file these weights come from.
@@ -62,25 +84,47 @@ impl Weights {
 
     /// Whether `key` is present.
     pub fn contains(&self, key: &str) -> bool {
-        self.infos.contains_key(key)
+        self.shape_of(key).is_some()
     }
 
     /// All tensor names.
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.infos.keys().map(String::as_str)
+    pub fn keys(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match &self.source {
+            Source::Mapped { infos, .. } => Box::new(infos.keys().map(String::as_str)),
+            Source::Memory(t) => Box::new(t.keys().map(String::as_str)),
+        }
     }
 
     /// The stored shape of `key`.
     pub fn shape_of(&self, key: &str) -> Option<&[usize]> {
-        self.infos.get(key).map(|i| i.shape.as_slice())
+        match &self.source {
+            Source::Mapped { infos, .. } => infos.get(key).map(|i| i.shape.as_slice()),
+            Source::Memory(t) => t.get(key).map(|t| t.dims()),
+        }
     }
 
     /// Load `key` (stored as f32, f16 or bf16) as f32, checking that its shape is `expected`.
     pub fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
-        let info = self.infos.get(key).ok_or_else(|| Error::MissingTensor {
+        let shape = self.shape_of(key).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             key: key.to_string(),
         })?;
+        if shape != expected {
+            return Err(Error::ShapeMismatch {
+                path: self.path.clone(),
+                key: key.to_string(),
+                expected: expected.to_vec(),
+                found: shape.to_vec(),
+            });
+        }
+        let (mmap, header_len, info) = match &self.source {
+            Source::Memory(t) => return Ok(t[key].clone()),
+            Source::Mapped {
+                mmap,
+                header_len,
+                infos,
+            } => (mmap, *header_len, &infos[key]),
+        };
         if info.shape != expected {
             return Err(Error::ShapeMismatch {
                 path: self.path.clone(),
@@ -89,8 +133,8 @@ impl Weights {
                 found: info.shape.clone(),
             });
         }
-        let start = 8 + self.header_len;
-        let bytes = &self.mmap[start + info.data_offsets.0..start + info.data_offsets.1];
+        let start = 8 + header_len;
+        let bytes = &mmap[start + info.data_offsets.0..start + info.data_offsets.1];
         // One copy from the mapping into the tensor's own buffer, whatever the stored dtype and
         // alignment.
         let data: Vec<f32> = match info.dtype {

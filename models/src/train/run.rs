@@ -231,8 +231,25 @@ pub fn evaluate(
     Ok(confusion.metrics())
 }
 
-/// What a training run reports per epoch.
-pub type EpochCallback<'a> = &'a mut dyn FnMut(&EpochRecord);
+/// What a training run reports as it goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a> {
+    /// An optimiser step finished (`batch` of `batches`, 1-based) in epoch `epoch` (1-based).
+    Step {
+        epoch: usize,
+        batch: usize,
+        batches: usize,
+        /// The batch's mean loss.
+        loss: f64,
+    },
+    /// The epoch's training part is done; the test split is being evaluated.
+    Evaluating { epoch: usize },
+    /// The epoch is done and checkpointed.
+    Epoch(&'a EpochRecord),
+}
+
+/// The receiver of [`Progress`] reports.
+pub type ProgressCallback<'a> = &'a mut dyn FnMut(Progress<'_>);
 
 /// Where a training run reads and writes, and how far it goes.
 #[derive(Debug, Clone, Copy)]
@@ -253,7 +270,7 @@ pub fn train(
     run: &RunConfig,
     cfg: &TrainConfig,
     job: TrainJob<'_>,
-    on_epoch: EpochCallback<'_>,
+    on_progress: ProgressCallback<'_>,
 ) -> Result<TrainState> {
     let (data_root, out, resume, stop_after) = (job.data, job.out, job.resume, job.stop_after);
     cfg.validate()?;
@@ -403,6 +420,7 @@ pub fn train(
                 };
                 // Gradient accumulation over micro-batches.
                 let mut grads: Option<candle_core::backprop::GradStore> = None;
+                let mut batch_loss = 0.0f64;
                 for start in (0..n).step_by(micro.max(1)) {
                     let len = micro.min(n - start);
                     let v = videos.narrow(0, start, len)?;
@@ -416,7 +434,9 @@ pub fn train(
                         cross_entropy(&logits, ya)?
                     };
                     let scaled = (loss.clone() * (len as f64 / n as f64))?;
-                    loss_sum += f64::from(loss.to_scalar::<f32>()?) * len as f64;
+                    let value = f64::from(loss.to_scalar::<f32>()?);
+                    loss_sum += value * len as f64;
+                    batch_loss += value * len as f64 / n as f64;
                     loss_n += len;
                     let g = scaled.backward()?;
                     match &mut grads {
@@ -428,10 +448,17 @@ pub fn train(
                     opt.adapters.step(&g)?;
                     opt.prompts.step(&g)?;
                 }
+                on_progress(Progress::Step {
+                    epoch: epoch + 1,
+                    batch: b + 1,
+                    batches: batches.len(),
+                    loss: batch_loss,
+                });
             }
             Ok(())
         })?;
         let train_seconds = t0.elapsed().as_secs_f64();
+        on_progress(Progress::Evaluating { epoch: epoch + 1 });
         let view = model.with_trainables(model.trainables.clone().into_inference())?;
         let metrics = if test_set.samples.is_empty() {
             Confusion::new(model.classes.len()).metrics()
@@ -485,7 +512,7 @@ pub fn train(
         ] {
             let _ = std::fs::remove_file(train_dir.join(old));
         }
-        on_epoch(&record);
+        on_progress(Progress::Epoch(&record));
     }
     Ok(state)
 }
