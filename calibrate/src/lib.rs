@@ -1,0 +1,20 @@
+//! Quantization maths for pe-clip's int8 export, independent of any graph format.
+//!
+//! The int8 form tract runs fast is `QLinearMatMul` with **signed int8 activations at zero point
+//! 0** and **one scale per weight tensor** (see the engineering notes). This crate estimates those
+//! scales and prepares weights so that per-tensor scales lose little:
+//!
+//! - [`observer`]: activation statistics from calibration data and the scale each observer
+//!   (min/max, percentile, MSE-optimal) picks;
+//! - [`quant`]: symmetric int8 quantization of tensors (per tensor and per channel, for
+//!   comparison) and error measures;
+//! - [`equalize`]: SmoothQuant-style per-input-channel equalization, folded exactly into the
+//!   affine (LayerNorm) that feeds the matmul, so the f32 function is unchanged while the
+//!   activation and weight ranges are balanced.
+
+pub mod equalize;
+pub mod observer;
+pub mod quant;
+
+pub use observer::{Observer, ObserverKind};
+pub use quant::{dequantize, quantize_per_channel, quantize_per_tensor, QuantTensor};
