@@ -27,14 +27,28 @@ pub struct ClipAugment {
     pub rotation_deg: f32,
 }
 
+/// The reference's smallest crop area (torchvision's RandomResizedCrop default).
+pub const REFERENCE_MIN_CROP_AREA: f64 = 0.08;
+
 impl ClipAugment {
     /// Draw the choices for frames of `w` x `h` pixels: GroupRandomSizedCrop (area 0.08..1,
     /// aspect 3/4..4/3, 10 tries then the whole frame), flip with p 0.5, then the jitter.
     pub fn draw(w: u32, h: u32, jitter: Jitter, rng: &mut SeededRng) -> Self {
+        Self::draw_with_min_area(w, h, REFERENCE_MIN_CROP_AREA, jitter, rng)
+    }
+
+    /// [`draw`](Self::draw) with crops of at least `min_area` (0..1] of the frame.
+    pub fn draw_with_min_area(
+        w: u32,
+        h: u32,
+        min_area: f64,
+        jitter: Jitter,
+        rng: &mut SeededRng,
+    ) -> Self {
         let area = f64::from(w) * f64::from(h);
         let mut crop = (0, 0, w, h);
         for _ in 0..10 {
-            let target = area * (0.08 + 0.92 * rng.uniform());
+            let target = area * (min_area + (1.0 - min_area) * rng.uniform());
             let aspect = 0.75 + (4.0 / 3.0 - 0.75) * rng.uniform();
             let mut cw = (target * aspect).sqrt().round() as u32;
             let mut ch = (target / aspect).sqrt().round() as u32;

@@ -42,6 +42,9 @@ pub struct Args {
     /// Weight of the auxiliary AU-regression loss on the image feature (0: contrastive only).
     #[arg(long, default_value_t = 1.0)]
     au_weight: f64,
+    /// Initial temperature exp(logit_scale), learned up to 100 (PE-CLIP scales logits by 100).
+    #[arg(long, default_value_t = 100.0)]
+    temperature: f32,
     /// Near-infrared grayscale frames.
     #[arg(long)]
     ir: bool,
@@ -86,6 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         distractors: true,
         infrared: args.ir,
         au_weight: args.au_weight,
+        temperature: args.temperature,
     };
     let quiet = log::max_level() < log::LevelFilter::Warn;
     let (steps, every) = (pc.steps, args.log_every.max(1));

@@ -43,6 +43,9 @@ pub struct Args {
     /// Clip-level jitter: brightness (DFEW), rotation (FERV39K) or none.
     #[arg(long, default_value = "brightness", value_parser = ["brightness", "rotation", "none"])]
     jitter: String,
+    /// Smallest random-resized-crop area, as a fraction of the frame (1 turns cropping off).
+    #[arg(long, default_value_t = 0.08)]
+    min_crop_area: f64,
     /// No Mixup / FMix.
     #[arg(long)]
     no_mix: bool,
@@ -85,6 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         fold: args.fold,
         mix: !args.no_mix,
         jitter: args.jitter.clone(),
+        min_crop_area: args.min_crop_area,
     };
     cfg.validate()?;
     let run = if args.resume {

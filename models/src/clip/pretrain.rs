@@ -55,6 +55,10 @@ pub struct PretrainConfig {
     /// step, where the contrastive loss alone leaves a from-scratch tower predicting the most
     /// common caption for hundreds of steps. The head reads batch-centred features and is dropped after pre-training; 0 turns it off.
     pub au_weight: f64,
+    /// Initial temperature `exp(logit_scale)` (learned, at most 100). CLIP starts at 1/0.07 and
+    /// ends clamped at 100, the scale PE-CLIP's logits use; a stand-in pre-trained at 14 gives
+    /// PE-CLIP cosines that are far too spread for its ×100 and its first epochs' losses are huge.
+    pub temperature: f32,
 }
 
 impl PretrainConfig {
@@ -251,6 +255,7 @@ impl Pretrainer {
             .find(|(k, _)| k == "logit_scale")
             .map(|(_, v)| v.clone())
             .expect("logit_scale is a spec");
+        scale.set(&Tensor::new(pc.temperature.ln(), device)?)?;
         // Weight decay on matrices only (CLIP's recipe): gains, biases, embeddings and the
         // temperature are not decayed.
         let (decayed, mut plain): (Vec<_>, Vec<_>) = vars
@@ -466,6 +471,7 @@ mod tests {
             distractors: true,
             infrared: false,
             au_weight: 1.0,
+            temperature: 100.0,
         };
         (cfg, pc)
     }

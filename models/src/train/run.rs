@@ -61,6 +61,13 @@ pub struct TrainConfig {
     pub mix: bool,
     /// `brightness` (DFEW), `rotation` (FERV39K) or `none`.
     pub jitter: String,
+    /// Smallest random-resized-crop area as a fraction of the frame (the reference: 0.08).
+    #[serde(default = "default_min_crop_area")]
+    pub min_crop_area: f64,
+}
+
+fn default_min_crop_area() -> f64 {
+    crate::augment::REFERENCE_MIN_CROP_AREA
 }
 
 impl Default for TrainConfig {
@@ -78,6 +85,7 @@ impl Default for TrainConfig {
             fold: 1,
             mix: true,
             jitter: "brightness".into(),
+            min_crop_area: crate::augment::REFERENCE_MIN_CROP_AREA,
         }
     }
 }
@@ -105,6 +113,12 @@ impl TrainConfig {
             return Err(Error::Config(format!(
                 "batch size {} is not a multiple of the accumulation steps {}",
                 self.batch_size, self.accumulate
+            )));
+        }
+        if !(self.min_crop_area > 0.0 && self.min_crop_area <= 1.0) {
+            return Err(Error::Config(format!(
+                "the smallest crop area {} is not in (0, 1]",
+                self.min_crop_area
             )));
         }
         self.jitter().map(|_| ())
@@ -186,7 +200,13 @@ fn load_train_clip(
     let segments = cfg.segments;
     let clip = load_clip_sampled_by(&sample.clip, |n| train_indices(n, segments, &mut rng))?;
     let first = &clip.frames[0];
-    let aug = ClipAugment::draw(first.width(), first.height(), cfg.jitter()?, &mut rng);
+    let aug = ClipAugment::draw_with_min_area(
+        first.width(),
+        first.height(),
+        cfg.min_crop_area,
+        cfg.jitter()?,
+        &mut rng,
+    );
     Ok(clip
         .frames
         .iter()
