@@ -8,11 +8,13 @@
 //!   (min/max, percentile, MSE-optimal) picks;
 //! - [`quant`]: symmetric int8 quantization of tensors (per tensor and per channel, for
 //!   comparison) and error measures;
+//! - [`fold`]: exact rewrites (affine into the next linear, linear after linear, stacking);
 //! - [`equalize`]: SmoothQuant-style per-input-channel equalization, folded exactly into the
 //!   affine (LayerNorm) that feeds the matmul, so the f32 function is unchanged while the
 //!   activation and weight ranges are balanced.
 
 pub mod equalize;
+pub mod fold;
 pub mod observer;
 pub mod quant;
 
