@@ -125,14 +125,6 @@ impl Weights {
                 infos,
             } => (mmap, *header_len, &infos[key]),
         };
-        if info.shape != expected {
-            return Err(Error::ShapeMismatch {
-                path: self.path.clone(),
-                key: key.to_string(),
-                expected: expected.to_vec(),
-                found: info.shape.clone(),
-            });
-        }
         let start = 8 + header_len;
         let bytes = &mmap[start + info.data_offsets.0..start + info.data_offsets.1];
         // One copy from the mapping into the tensor's own buffer, whatever the stored dtype and
