@@ -23,6 +23,14 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `pe-clip synth --out OUT --size 32 ARGS...`, which must succeed.
+fn synth_small(out: &Path, args: &[&str]) {
+    let mut all = vec!["synth", "--out", s(out), "--size", "32"];
+    all.extend_from_slice(args);
+    let o = run(&all);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 #[test]
 fn help_lists_the_subcommands() {
     let o = run(&["--help"]);
@@ -47,24 +55,21 @@ fn synth_writes_a_readable_deterministic_dataset() {
     let d = tempfile::tempdir().unwrap();
     let write = |name: &str| {
         let out = d.path().join(name);
-        let o = run(&[
-            "synth",
-            "--out",
-            s(&out),
-            "--train",
-            "7",
-            "--test",
-            "7",
-            "--size",
-            "32",
-            "--min-frames",
-            "3",
-            "--max-frames",
-            "4",
-            "--seed",
-            "5",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
+        synth_small(
+            &out,
+            &[
+                "--train",
+                "7",
+                "--test",
+                "7",
+                "--min-frames",
+                "3",
+                "--max-frames",
+                "4",
+                "--seed",
+                "5",
+            ],
+        );
         out
     };
     let (a, b) = (write("a"), write("b"));
@@ -405,22 +410,19 @@ mod train {
             d.path().join("clip"),
             d.path().join("run"),
         );
-        let o = run(&[
-            "synth",
-            "--out",
-            s(&data),
-            "--train",
-            "7",
-            "--test",
-            "14",
-            "--size",
-            "32",
-            "--min-frames",
-            "4",
-            "--max-frames",
-            "5",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
+        synth_small(
+            &data,
+            &[
+                "--train",
+                "7",
+                "--test",
+                "14",
+                "--min-frames",
+                "4",
+                "--max-frames",
+                "5",
+            ],
+        );
         let o = run(&["init-random", "--arch", "tiny", "--run", s(&r), s(&clip)]);
         assert!(o.status.success(), "{}", stderr(&o));
         let svg = d.path().join("cm.svg");
@@ -464,22 +466,19 @@ mod train {
             d.path().join("clip"),
             d.path().join("run"),
         );
-        let o = run(&[
-            "synth",
-            "--out",
-            s(&data),
-            "--train",
-            "7",
-            "--test",
-            "7",
-            "--size",
-            "32",
-            "--min-frames",
-            "4",
-            "--max-frames",
-            "5",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
+        synth_small(
+            &data,
+            &[
+                "--train",
+                "7",
+                "--test",
+                "7",
+                "--min-frames",
+                "4",
+                "--max-frames",
+                "5",
+            ],
+        );
         let o = run(&[
             "-q",
             "pretrain",
@@ -514,30 +513,34 @@ mod train {
             "7",
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
-        let mut reports = Vec::new();
-        for fold_file in ["a.json", "b.json"] {
-            let o = run(&[
-                "eval",
-                "--checkpoint",
-                s(&r),
-                "--data",
-                s(&data),
-                "--split",
-                "test",
-                "--json",
-            ]);
-            assert!(o.status.success(), "{}", stderr(&o));
-            let p = d.path().join(fold_file);
-            std::fs::write(&p, &o.stdout).unwrap();
-            reports.push(p);
-        }
-        let o = run(&["summarize", "--json", s(&reports[0]), s(&reports[1])]);
+        let o = run(&[
+            "eval",
+            "--checkpoint",
+            s(&r),
+            "--data",
+            s(&data),
+            "--split",
+            "test",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let (a, b) = (d.path().join("a.json"), d.path().join("b.json"));
+        std::fs::write(&a, &o.stdout).unwrap();
+        // A second report with known figures: the mean is their midpoint, the sample standard
+        // deviation |a - b| / sqrt 2.
+        let mut other: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let uar = other["uar"].as_f64().unwrap();
+        let other_uar = if uar > 0.5 { uar - 0.2 } else { uar + 0.2 };
+        other["uar"] = other_uar.into();
+        std::fs::write(&b, other.to_string()).unwrap();
+        let o = run(&["summarize", "--json", s(&a), s(&b)]);
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let one: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&reports[0]).unwrap()).unwrap();
-        assert_eq!(v["uar_mean"], one["uar"]);
-        assert_eq!(v["uar_std"].as_f64(), Some(0.0));
+        let mean = v["uar_mean"].as_f64().unwrap();
+        assert!((mean - (uar + other_uar) / 2.0).abs() < 1e-12, "{v}");
+        let std = v["uar_std"].as_f64().unwrap();
+        assert!((std - 0.2 / 2f64.sqrt()).abs() < 1e-9, "{v}");
+        assert_eq!(v["war_std"].as_f64(), Some(0.0));
         // A file that is not an eval report is named.
         let o = run(&["summarize", s(&clip.join("config.json"))]);
         assert_eq!(o.status.code(), Some(1));
@@ -559,24 +562,21 @@ mod train {
     fn train_resume_matches_an_uninterrupted_run() {
         let d = tempfile::tempdir().unwrap();
         let data = d.path().join("data");
-        let o = run(&[
-            "synth",
-            "--out",
-            s(&data),
-            "--train",
-            "14",
-            "--test",
-            "7",
-            "--size",
-            "32",
-            "--min-frames",
-            "4",
-            "--max-frames",
-            "6",
-            "--seed",
-            "2",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
+        synth_small(
+            &data,
+            &[
+                "--train",
+                "14",
+                "--test",
+                "7",
+                "--min-frames",
+                "4",
+                "--max-frames",
+                "6",
+                "--seed",
+                "2",
+            ],
+        );
         let train = |out: &Path, extra: &[&str]| {
             let mut args = vec![
                 "-q",
