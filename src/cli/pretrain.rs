@@ -9,14 +9,19 @@ pub struct Args {
     /// HF CLIP directory to write (`config.json`, `model.safetensors`, tokenizer, `pretrain.json`).
     #[arg(long)]
     out: PathBuf,
-    /// Shape: tiny, vit-b16 or vit-b32 (then --image-size / --patch-size / --layers adjust it).
-    #[arg(long, default_value = "tiny")]
+    /// Shape: tiny, vit-b16 or vit-b32 (then --image-size / --patch-size adjust it).
+    #[arg(long, default_value = "tiny", conflicts_with = "init")]
     arch: String,
+    /// Continue pre-training this HF CLIP directory (e.g. an earlier `pretrain --out`) instead of
+    /// starting from scratch; the shape and temperature are its own. Give a new --seed so that
+    /// the frames are new ones.
+    #[arg(long, value_name = "DIR")]
+    init: Option<PathBuf>,
     /// Input size in pixels (overrides the arch's).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "init")]
     image_size: Option<usize>,
     /// Patch size in pixels (overrides the arch's).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "init")]
     patch_size: Option<usize>,
     /// Optimiser steps.
     #[arg(long, default_value_t = 2000)]
@@ -60,20 +65,32 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<u8> {
     use anyhow::Context;
     use pe_clip_models::clip::pretrain::{pretrain, PretrainConfig};
-    use pe_clip_models::clip::{Arch, ClipConfig};
+    use pe_clip_models::clip::weights::Weights;
+    use pe_clip_models::clip::{load_config, weights_path, Arch, ClipConfig};
     use pe_clip_models::PreprocessSpec;
 
     let device = super::zero_shot::device_from_name(&args.device)?;
-    let arch: Arch = args.arch.parse().map_err(anyhow::Error::msg)?;
-    let mut clip = ClipConfig::preset(arch);
-    if let Some(s) = args.image_size {
-        clip.vision_config.image_size = s;
-    }
-    if let Some(p) = args.patch_size {
-        clip.vision_config.patch_size = p;
-    }
-    clip.validate()
-        .context("invalid --image-size / --patch-size")?;
+    let (clip, init) = match &args.init {
+        Some(dir) => {
+            let clip = load_config(dir).with_context(|| format!("--init {}", dir.display()))?;
+            let w = Weights::open(&weights_path(dir)?, &device)
+                .with_context(|| format!("--init {}", dir.display()))?;
+            (clip, Some(w))
+        }
+        None => {
+            let arch: Arch = args.arch.parse().map_err(anyhow::Error::msg)?;
+            let mut clip = ClipConfig::preset(arch);
+            if let Some(s) = args.image_size {
+                clip.vision_config.image_size = s;
+            }
+            if let Some(p) = args.patch_size {
+                clip.vision_config.patch_size = p;
+            }
+            clip.validate()
+                .context("invalid --image-size / --patch-size")?;
+            (clip, None)
+        }
+    };
     let pc = PretrainConfig {
         steps: args.steps,
         batch_size: args.batch_size,
@@ -112,7 +129,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             window.clear();
         }
     };
-    let r = pretrain(&clip, &pc, &args.out, &device, &mut report).context("pre-training failed")?;
+    let r = pretrain(&clip, &pc, init.as_ref(), &args.out, &device, &mut report)
+        .context("pre-training failed")?;
     println!(
         "{}: {} steps of {} frames in {:.0} s (rendering {:.0} s); use it with --arch {0} or --clip {0}",
         args.out.display(),

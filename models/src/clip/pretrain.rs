@@ -220,9 +220,15 @@ pub struct Pretrainer {
 }
 
 impl Pretrainer {
-    /// A fresh CLIP of shape `clip` ([`tensor_specs_for_training`] initialisation from
-    /// `pc.seed`) and its optimisers.
-    pub fn new(clip: &ClipConfig, pc: &PretrainConfig, device: &Device) -> Result<Self> {
+    /// A CLIP of shape `clip` and its optimisers: fresh ([`tensor_specs_for_training`]
+    /// initialisation from `pc.seed`), or continuing from `init` (every tensor of the shape must be
+    /// there; its temperature is kept and `pc.temperature` is not used).
+    pub fn new(
+        clip: &ClipConfig,
+        pc: &PretrainConfig,
+        init: Option<&Weights>,
+        device: &Device,
+    ) -> Result<Self> {
         clip.validate()?;
         pc.validate()?;
         if pc.preprocess.image_size != clip.vision_config.image_size {
@@ -233,13 +239,16 @@ impl Pretrainer {
         }
         let mut rng = SeededRng::new(pc.seed);
         let mut vars: Vec<(String, Var)> = Vec::new();
-        for (key, shape, init) in tensor_specs_for_training(clip) {
+        for (key, shape, how) in tensor_specs_for_training(clip) {
             let n: usize = shape.iter().product();
-            let data: Vec<f32> = match init {
+            let data: Vec<f32> = match how {
                 Init::Normal(std) => (0..n).map(|_| rng.normal() * std).collect(),
                 Init::Const(c) => vec![c; n],
             };
-            let t = Tensor::from_vec(data, shape, device)?;
+            let t = match init {
+                Some(w) => w.get(&key, &shape)?.to_device(device)?,
+                None => Tensor::from_vec(data, shape, device)?,
+            };
             vars.push((key, Var::from_tensor(&t)?));
         }
         let map: HashMap<String, Tensor> = vars
@@ -255,7 +264,9 @@ impl Pretrainer {
             .find(|(k, _)| k == "logit_scale")
             .map(|(_, v)| v.clone())
             .expect("logit_scale is a spec");
-        scale.set(&Tensor::new(pc.temperature.ln(), device)?)?;
+        if init.is_none() {
+            scale.set(&Tensor::new(pc.temperature.ln(), device)?)?;
+        }
         // Weight decay on matrices only (CLIP's recipe): gains, biases, embeddings and the
         // temperature are not decayed.
         let (decayed, mut plain): (Vec<_>, Vec<_>) = vars
@@ -352,18 +363,19 @@ impl Pretrainer {
     }
 }
 
-/// Pre-train a CLIP of shape `clip` and write it as an HF directory into `out` (`config.json`,
-/// `model.safetensors`, tokenizer files, and `pretrain.json` with the recipe and history; each file
-/// written atomically).
+/// Pre-train a CLIP of shape `clip` (from scratch, or continuing from `init`) and write it as an
+/// HF directory into `out` (`config.json`, `model.safetensors`, tokenizer files, and
+/// `pretrain.json` with the recipe and history; each file written atomically).
 pub fn pretrain(
     clip: &ClipConfig,
     pc: &PretrainConfig,
+    init: Option<&Weights>,
     out: &Path,
     device: &Device,
     on_step: &mut dyn FnMut(&PretrainRecord),
 ) -> Result<PretrainReport> {
     let start = Instant::now();
-    let mut trainer = Pretrainer::new(clip, pc, device)?;
+    let mut trainer = Pretrainer::new(clip, pc, init, device)?;
     // Frames come from their own stream, apart from the initialisation's.
     let mut rng = SeededRng::new(pc.seed ^ 0x5eed_f4a3_e5c0_ffee);
     let schedule = CosineSchedule {
@@ -413,6 +425,7 @@ pub fn pretrain(
         "generator": "pe-clip pretrain",
         "format_version": 1,
         "note": "a CLIP-shaped backbone pre-trained contrastively on synthetic face frames and their action-unit captions; a stand-in for CLIP weights, not CLIP",
+        "continued_from": init.map(|w| w.path().display().to_string()),
         "report": report,
     });
     crate::io::write_atomic(
@@ -479,7 +492,7 @@ mod tests {
     #[test]
     fn steps_lower_the_loss_on_a_batch() {
         let (cfg, pc) = small();
-        let mut t = Pretrainer::new(&cfg, &pc, &Device::Cpu).unwrap();
+        let mut t = Pretrainer::new(&cfg, &pc, None, &Device::Cpu).unwrap();
         let seeds: Vec<u64> = (0..16).collect();
         let batch = render_batch(&seeds, &pc, &Device::Cpu).unwrap();
         let losses: Vec<f32> = (0..15).map(|_| t.step(&batch, 1e-3).unwrap().0).collect();
@@ -493,15 +506,40 @@ mod tests {
     fn pretraining_writes_a_loadable_clip_deterministically() {
         let (cfg, pc) = small();
         let dir = tempfile::tempdir().unwrap();
-        let report = pretrain(&cfg, &pc, dir.path(), &Device::Cpu, &mut |_| {}).unwrap();
+        let report = pretrain(&cfg, &pc, None, dir.path(), &Device::Cpu, &mut |_| {}).unwrap();
         assert_eq!(report.history.len(), 3);
         let back = ClipModel::load(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(back.config, cfg);
         assert!(dir.path().join("pretrain.json").is_file());
         let dir2 = tempfile::tempdir().unwrap();
-        pretrain(&cfg, &pc, dir2.path(), &Device::Cpu, &mut |_| {}).unwrap();
+        pretrain(&cfg, &pc, None, dir2.path(), &Device::Cpu, &mut |_| {}).unwrap();
         let a = std::fs::read(dir.path().join("model.safetensors")).unwrap();
         let b = std::fs::read(dir2.path().join("model.safetensors")).unwrap();
         assert!(a == b, "pre-training is not deterministic");
+    }
+
+    #[test]
+    fn continuing_starts_from_the_given_weights_and_temperature() {
+        let (cfg, pc) = small();
+        let dir = tempfile::tempdir().unwrap();
+        pretrain(&cfg, &pc, None, dir.path(), &Device::Cpu, &mut |_| {}).unwrap();
+        let file = dir.path().join("model.safetensors");
+        let w = Weights::open(&file, &Device::Cpu).unwrap();
+        let other = PretrainConfig {
+            seed: 99,
+            temperature: 7.0,
+            ..pc
+        };
+        let t = Pretrainer::new(&cfg, &other, Some(&w), &Device::Cpu).unwrap();
+        let saved = ClipModel::load(dir.path(), &Device::Cpu).unwrap();
+        assert!((t.temperature().unwrap() - saved.logit_scale.exp()).abs() < 1e-3);
+        let out = tempfile::tempdir().unwrap();
+        t.save(out.path()).unwrap();
+        let a = std::fs::read(&file).unwrap();
+        let b = std::fs::read(out.path().join("model.safetensors")).unwrap();
+        assert!(
+            a == b,
+            "the continued model does not start from the given weights"
+        );
     }
 }
