@@ -6,3 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod engine;
+pub mod error;
+#[cfg(feature = "train")]
+pub mod export;
+pub mod onnx;

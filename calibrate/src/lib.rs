@@ -13,8 +13,10 @@
 //!   affine (LayerNorm) that feeds the matmul, so the f32 function is unchanged while the
 //!   activation and weight ranges are balanced.
 
+pub mod calibrator;
 pub mod equalize;
 pub mod fold;
+pub mod graph;
 pub mod observer;
 pub mod quant;
 

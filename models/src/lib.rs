@@ -24,6 +24,8 @@ pub mod video;
 #[cfg(feature = "train")]
 pub mod clip;
 #[cfg(feature = "train")]
+pub mod export;
+#[cfg(feature = "train")]
 pub mod peclip;
 #[cfg(feature = "train")]
 pub mod train;

@@ -113,7 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let mut window: Vec<(f32, f32, f32)> = Vec::new();
     let mut report = |r: &pe_clip_models::clip::pretrain::PretrainRecord| {
         window.push((r.loss, r.accuracy, r.au_loss));
-        if !quiet && (r.step % every == 0 || r.step == steps) {
+        if !quiet && (r.step.is_multiple_of(every) || r.step == steps) {
             let n = window.len() as f32;
             let loss = window.iter().map(|w| w.0).sum::<f32>() / n;
             let acc = window.iter().map(|w| w.1).sum::<f32>() / n;

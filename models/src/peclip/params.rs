@@ -419,6 +419,24 @@ impl Trainables {
     pub fn numel(&self) -> usize {
         self.specs.iter().map(ParamSpec::numel).sum()
     }
+
+    /// Add `N(0, std²)` noise (deterministic for `seed`) to every trainable, and `bias` to the TDA
+    /// dynamic-scale biases: a stand-in for trained values in tests and benchmarks, since the
+    /// reference initialisation zeroes the up-projections and leaves every adapter inert.
+    pub fn perturb(&self, seed: u64, std: f32, scale_bias: f32) -> Result<()> {
+        let mut rng = SeededNormal::new(seed);
+        for (name, var) in &self.vars {
+            let t = var.as_tensor();
+            let n = t.elem_count();
+            let noise: Vec<f32> = (0..n).map(|_| rng.normal() * std).collect();
+            let mut next = (t + Tensor::from_vec(noise, t.shape(), t.device())?)?;
+            if name.ends_with(".scale.bias") {
+                next = (next + f64::from(scale_bias))?;
+            }
+            var.set(&next)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,270 @@
+//! The step model in tract: one frame and the per-block recurrent states in, the projected
+//! feature and the next states out. Shapes are pinned by the ONNX file, so the model is optimised
+//! once and one spawned state is reused for every frame.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// One state input/output pair of the step model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateSlot {
+    /// `state_in.<i>` / `state_out.<i>`.
+    pub input: String,
+    pub output: String,
+    pub rows: usize,
+    pub width: usize,
+}
+
+/// The recurrent state of one stream (zeros start a clip).
+#[derive(Debug, Clone)]
+pub struct StepState {
+    tensors: Vec<Tensor>,
+}
+
+impl StepState {
+    /// The states as f32 slices, in slot order.
+    pub fn values(&self) -> Result<Vec<&[f32]>> {
+        self.tensors
+            .iter()
+            .map(|t| plain_f32(t).map_err(|e| Error::engine("state", e)))
+            .collect()
+    }
+}
+
+/// A value an extra output (calibration tap) took on one frame: its shape and its floats.
+pub type TapValue = (Vec<usize>, Vec<f32>);
+
+/// A loaded, optimised step model.
+pub struct StepModel {
+    plan: Arc<TypedRunnableModel>,
+    runner: TypedSimpleState,
+    image_size: usize,
+    feature_dim: usize,
+    slots: Vec<StateSlot>,
+    /// Outputs after the feature and the states (calibration taps), by name.
+    extra: Vec<String>,
+}
+
+impl std::fmt::Debug for StepModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepModel")
+            .field("image_size", &self.image_size)
+            .field("feature_dim", &self.feature_dim)
+            .field("slots", &self.slots)
+            .field("extra", &self.extra)
+            .finish()
+    }
+}
+
+/// Select tract's matmul threads for this process (1: single-threaded, tract's default).
+pub fn set_threads(n: usize) {
+    use tract_linalg::multithread::{set_default_executor, Executor};
+    if n <= 1 {
+        set_default_executor(Executor::SingleThread);
+    } else {
+        set_default_executor(Executor::multithread(n));
+    }
+}
+
+fn dims_of(fact: &InferenceFact) -> Option<Vec<usize>> {
+    fact.shape
+        .as_concrete_finite()
+        .ok()
+        .flatten()
+        .map(|s| s.to_vec())
+}
+
+fn plain_f32(t: &Tensor) -> TractResult<&[f32]> {
+    t.try_as_plain_ram()?.as_slice::<f32>()
+}
+
+impl StepModel {
+    /// Load ONNX bytes (`context` names them in errors).
+    pub fn from_onnx(bytes: &[u8], context: &str) -> Result<Self> {
+        let err = |e: TractError| Error::engine(context, e);
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut &bytes[..])
+            .map_err(err)?;
+        let input_names: Vec<String> = model
+            .input_outlets()
+            .map_err(err)?
+            .iter()
+            .map(|o| model.node(o.node).name.clone())
+            .collect();
+        let output_names: Vec<String> = model
+            .output_outlets()
+            .map_err(err)?
+            .iter()
+            .map(|&o| {
+                model
+                    .outlet_label(o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| model.node(o.node).name.clone())
+            })
+            .collect();
+        if input_names.first().map(String::as_str) != Some("frame")
+            || output_names.first().map(String::as_str) != Some("feature")
+        {
+            return Err(Error::engine(
+                context,
+                format!(
+                    "not a pe-clip step model (inputs {input_names:?}, outputs {output_names:?})"
+                ),
+            ));
+        }
+        let frame_dims = dims_of(&model.input_fact(0).map_err(err)?.clone())
+            .ok_or_else(|| Error::engine(context, "the frame input has no fixed shape"))?;
+        let image_size = match frame_dims.as_slice() {
+            [1, h, w, 3] if h == w => *h,
+            other => {
+                return Err(Error::engine(
+                    context,
+                    format!("frame input must be [1, S, S, 3], found {other:?}"),
+                ))
+            }
+        };
+        let mut slots = Vec::new();
+        for (k, name) in input_names.iter().enumerate().skip(1) {
+            let Some(i) = name.strip_prefix("state_in.") else {
+                return Err(Error::engine(context, format!("unexpected input {name}")));
+            };
+            let out = format!("state_out.{i}");
+            if !output_names.contains(&out) {
+                return Err(Error::engine(context, format!("{name} has no {out}")));
+            }
+            let dims = dims_of(&model.input_fact(k).map_err(err)?.clone())
+                .ok_or_else(|| Error::engine(context, format!("{name} has no fixed shape")))?;
+            let [rows, width] = dims[..] else {
+                return Err(Error::engine(
+                    context,
+                    format!("{name} must be 2-D, is {dims:?}"),
+                ));
+            };
+            slots.push(StateSlot {
+                input: name.clone(),
+                output: out,
+                rows,
+                width,
+            });
+        }
+        // Outputs in a fixed order: feature, the states in slot order, then the rest.
+        let mut outputs = vec!["feature".to_string()];
+        outputs.extend(slots.iter().map(|s| s.output.clone()));
+        let extra: Vec<String> = output_names
+            .iter()
+            .filter(|n| !outputs.contains(n))
+            .cloned()
+            .collect();
+        outputs.extend(extra.iter().cloned());
+        let model = model.with_outputs_by_name(&outputs).map_err(err)?;
+        let typed = model.into_optimized().map_err(err)?;
+        let feature_dim = typed
+            .output_fact(0)
+            .map_err(err)?
+            .shape
+            .as_concrete()
+            .and_then(|s| s.last().copied())
+            .ok_or_else(|| Error::engine(context, "the feature output has no fixed shape"))?;
+        let plan = typed.into_runnable().map_err(err)?;
+        let runner = plan.spawn().map_err(err)?;
+        Ok(Self {
+            plan,
+            runner,
+            image_size,
+            feature_dim,
+            slots,
+            extra,
+        })
+    }
+
+    /// Load an ONNX file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_onnx(&bytes, &path.display().to_string())
+    }
+
+    pub fn image_size(&self) -> usize {
+        self.image_size
+    }
+
+    pub fn feature_dim(&self) -> usize {
+        self.feature_dim
+    }
+
+    pub fn slots(&self) -> &[StateSlot] {
+        &self.slots
+    }
+
+    /// Names of the outputs beyond the feature and the states.
+    pub fn extra_outputs(&self) -> &[String] {
+        &self.extra
+    }
+
+    /// Floats of recurrent state per stream.
+    pub fn state_floats(&self) -> usize {
+        self.slots.iter().map(|s| s.rows * s.width).sum()
+    }
+
+    /// The state before a clip's first frame.
+    pub fn zero_state(&self) -> StepState {
+        StepState {
+            tensors: self
+                .slots
+                .iter()
+                .map(|s| Tensor::zero::<f32>(&[s.rows, s.width]).expect("f32 zeros"))
+                .collect(),
+        }
+    }
+
+    /// Run one frame (`S·S·3` RGB bytes, row-major): its feature, and `state` advanced.
+    pub fn step(&mut self, frame: &[u8], state: &mut StepState) -> Result<Vec<f32>> {
+        let (feature, _) = self.step_with_extra(frame, state)?;
+        Ok(feature)
+    }
+
+    /// [`step`](Self::step), also returning the extra outputs (calibration taps) with their
+    /// shapes.
+    pub fn step_with_extra(
+        &mut self,
+        frame: &[u8],
+        state: &mut StepState,
+    ) -> Result<(Vec<f32>, Vec<TapValue>)> {
+        let s = self.image_size;
+        if frame.len() != s * s * 3 {
+            return Err(Error::Input(format!(
+                "a frame must be {s}x{s} RGB ({} bytes), got {} bytes",
+                s * s * 3,
+                frame.len()
+            )));
+        }
+        let err = |e: TractError| Error::engine("step", e);
+        let mut inputs: TVec<TValue> = tvec![Tensor::from_shape(&[1, s, s, 3], frame)
+            .map_err(err)?
+            .into()];
+        for t in state.tensors.drain(..) {
+            inputs.push(t.into());
+        }
+        let out = self.runner.run(inputs).map_err(err)?;
+        let n = self.slots.len();
+        let mut values = out.into_iter();
+        let feature = values
+            .next()
+            .ok_or_else(|| Error::engine("step", "no feature output"))?;
+        let feature = plain_f32(&feature).map_err(err)?.to_vec();
+        state.tensors = values.by_ref().take(n).map(|v| v.into_tensor()).collect();
+        let extra = values
+            .map(|v| -> Result<_> {
+                Ok((v.shape().to_vec(), plain_f32(&v).map_err(err)?.to_vec()))
+            })
+            .collect::<Result<_>>()?;
+        Ok((feature, extra))
+    }
+
+    /// The runnable plan (for benchmarks that spawn their own state).
+    pub fn plan(&self) -> &Arc<TypedRunnableModel> {
+        &self.plan
+    }
+}
