@@ -1,12 +1,34 @@
 //! `pe-clip export`: a trained run to a model package (fold, ONNX step graph, optional int8 with
 //! calibration, manifest).
+//!
+//! The int8 recipe (see `pe_clip_calibrate`): every backbone linear layer (qkv, attention output
+//! with the fused ShA down-projection, fc1, fc2) becomes `QuantizeLinear → QLinearMatMul →
+//! DequantizeLinear` with signed int8 at zero point 0 and one scale per weight tensor, the form
+//! tract runs fast. Per-tensor weight scales lose accuracy where weight columns or activation
+//! channels differ in range, so before quantizing, (1) SmoothQuant factors measured on the
+//! calibration frames move activation range into the weights through the preceding LayerNorm
+//! (exact in f32), and (2) optionally each weight column is rescaled to the full int8 range and
+//! the output multiplied back (one element-wise `Mul`). Attention products, softmax, norms,
+//! activations, the recurrent cells and residual adds stay f32.
 
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use pe_clip_calibrate::calibrator::{smoothing_factors, Calibrator};
 use pe_clip_calibrate::graph::Graph;
-use pe_clip_models::export::{build_step_graph, BuildOptions, FoldedModel};
-use pe_clip_models::peclip::PeClip;
-use pe_clip_models::PixelNorm;
+use pe_clip_calibrate::ObserverKind;
+use pe_clip_models::export::{build_step_graph, BuildOptions, FoldedModel, FoldedTemporal};
+use pe_clip_models::peclip::{PeClip, TemporalCell};
+use pe_clip_models::video::load_sampled_clip;
+use pe_clip_models::{PixelNorm, PreprocessSpec};
 
+use crate::engine::StepModel;
 use crate::error::{Error, Result};
+use crate::package::{
+    sha256_hex, write_package, CalibrationSummary, ClassEntry, Fidelity, Head, Manifest,
+    Preprocess, Provenance, Quantization, StateEntry, Temporal, MODEL_FILE, PACKAGE_FORMAT,
+    PACKAGE_VERSION,
+};
 
 /// Fold `model` for frames normalised with `pixel_norm`.
 pub fn fold(model: &PeClip, pixel_norm: PixelNorm) -> Result<FoldedModel> {
@@ -16,6 +38,472 @@ pub fn fold(model: &PeClip, pixel_norm: PixelNorm) -> Result<FoldedModel> {
 /// The f32 step graph of a folded model.
 pub fn f32_graph(folded: &FoldedModel) -> Graph {
     build_step_graph(folded, &BuildOptions::default())
+}
+
+/// A clip for calibration or the fidelity check: its path and, when known, its label.
+#[derive(Debug, Clone)]
+pub struct LabelledClip {
+    pub path: PathBuf,
+    pub label: Option<usize>,
+}
+
+/// How `export` quantizes.
+#[derive(Debug, Clone)]
+pub struct Int8Options {
+    pub observer: ObserverKind,
+    /// SmoothQuant strength (None: no equalization).
+    pub smooth_alpha: Option<f32>,
+    pub column_scaling: bool,
+    /// Also quantize the adapters' projections (ShA up, TDA in/up).
+    pub quantize_adapters: bool,
+    /// Calibration clips and where they came from.
+    pub calib: Vec<LabelledClip>,
+    pub calib_source: String,
+}
+
+/// What `export` does.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub int8: Option<Int8Options>,
+    /// Held-out clips for the int8-vs-f32 fidelity check.
+    pub check: Vec<LabelledClip>,
+    pub check_source: String,
+    pub window: usize,
+    /// Camera frames between sampled frames; `None`: the calibration clips' median length over
+    /// the window (the spacing the test-time sampler gives such clips), else 1.
+    pub stride: Option<usize>,
+    pub face_crop: String,
+}
+
+/// Per block: MatMul nodes before folding (as the candle model runs them) and in the step graph.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MatmulCount {
+    pub block: usize,
+    pub unfolded: usize,
+    pub folded: usize,
+}
+
+/// What `export` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportReport {
+    pub package: PathBuf,
+    pub precision: String,
+    pub model_bytes: usize,
+    /// Size of the f32 model of the same run (equal to `model_bytes` for an f32 export).
+    pub f32_model_bytes: usize,
+    pub matmuls: Vec<MatmulCount>,
+    pub quantization: Option<Quantization>,
+    pub seconds: f64,
+}
+
+/// MatMul-like nodes (`MatMul`, `QLinearMatMul`) under `scope/`.
+pub fn matmuls_in_scope(g: &Graph, scope: &str) -> usize {
+    let prefix = format!("{scope}/");
+    g.nodes
+        .iter()
+        .filter(|n| (n.op == "MatMul" || n.op == "QLinearMatMul") && n.name.starts_with(&prefix))
+        .count()
+}
+
+/// The `window` test-time frames of a clip as RGB bytes at the model size.
+pub fn clip_frames(path: &Path, window: usize, image_size: usize) -> Result<Vec<Vec<u8>>> {
+    Ok(clip_frames_and_length(path, window, image_size)?.0)
+}
+
+/// [`clip_frames`] and the clip's readable length.
+fn clip_frames_and_length(
+    path: &Path,
+    window: usize,
+    image_size: usize,
+) -> Result<(Vec<Vec<u8>>, usize)> {
+    let clip = load_sampled_clip(path, window)
+        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    for s in &clip.skipped {
+        log::warn!(
+            "{}: skipped frame {}: {}",
+            path.display(),
+            s.frame,
+            s.reason
+        );
+    }
+    let spec = PreprocessSpec {
+        image_size,
+        pixel_norm: PixelNorm::None,
+    };
+    let frames = clip
+        .frames
+        .iter()
+        .map(|f| spec.frame_to_rgb_bytes(f))
+        .collect();
+    Ok((frames, clip.readable_frames))
+}
+
+/// Per-frame features of one clip, from zero state.
+pub fn clip_features(step: &mut StepModel, frames: &[Vec<u8>]) -> Result<Vec<Vec<f32>>> {
+    let mut state = step.zero_state();
+    frames.iter().map(|f| step.step(f, &mut state)).collect()
+}
+
+fn load_step(g: &Graph, what: &str) -> Result<StepModel> {
+    StepModel::from_onnx(&crate::onnx::to_bytes(g, &[]), what)
+}
+
+/// Run `g` with its calibration taps over every clip, feeding `cal`.
+fn observe(g: &Graph, cal: &mut Calibrator, clips: &[Vec<Vec<u8>>], what: &str) -> Result<()> {
+    let taps = cal.taps();
+    let mut step = load_step(&g.with_taps(&taps), what)?;
+    let names = step.extra_outputs().to_vec();
+    for frames in clips {
+        let mut state = step.zero_state();
+        for f in frames {
+            let (_, extra) = step.step_with_extra(f, &mut state)?;
+            for (name, (_, values)) in names.iter().zip(&extra) {
+                cal.observe(name, values);
+            }
+            cal.frame_done();
+        }
+    }
+    Ok(())
+}
+
+fn cell_name(c: TemporalCell) -> &'static str {
+    match c {
+        TemporalCell::Gru => "gru",
+        TemporalCell::Lstm => "lstm",
+        TemporalCell::Rnn => "rnn",
+        TemporalCell::None => "none",
+    }
+}
+
+/// Mean UAR from (label, predicted) pairs over `classes`.
+fn uar(pairs: &[(usize, usize)], classes: usize) -> Option<f64> {
+    if pairs.is_empty() {
+        return None;
+    }
+    let mut per = vec![(0usize, 0usize); classes];
+    for &(y, p) in pairs {
+        if y < classes {
+            per[y].1 += 1;
+            if y == p {
+                per[y].0 += 1;
+            }
+        }
+    }
+    let seen: Vec<f64> = per
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(c, n)| *c as f64 / *n as f64)
+        .collect();
+    Some(seen.iter().sum::<f64>() / seen.len() as f64)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb).max(1e-30)
+}
+
+/// Compare two step graphs clip by clip on `clips` through `head`.
+pub fn fidelity(
+    reference: &Graph,
+    candidate: &Graph,
+    head: &Head,
+    clips: &[LabelledClip],
+    window: usize,
+    image_size: usize,
+    source: &str,
+) -> Result<Fidelity> {
+    let mut a = load_step(reference, "f32 model")?;
+    let mut b = load_step(candidate, "int8 model")?;
+    let (mut agree, mut cos_sum, mut cos_min) = (0usize, 0f64, f64::INFINITY);
+    let (mut pa, mut pb) = (Vec::new(), Vec::new());
+    let mut n = 0usize;
+    for c in clips {
+        let frames = match clip_frames(&c.path, window, image_size) {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("fidelity check: skipping {e}");
+                continue;
+            }
+        };
+        let fa = clip_features(&mut a, &frames)?;
+        let fb = clip_features(&mut b, &frames)?;
+        let la = head.logits_of_features(fa.iter().map(Vec::as_slice));
+        let lb = head.logits_of_features(fb.iter().map(Vec::as_slice));
+        let (ta, tb) = (argmax(&la), argmax(&lb));
+        agree += (ta == tb) as usize;
+        let cs = cosine(&la, &lb);
+        cos_sum += cs;
+        cos_min = cos_min.min(cs);
+        if let Some(y) = c.label {
+            pa.push((y, ta));
+            pb.push((y, tb));
+        }
+        n += 1;
+    }
+    if n == 0 {
+        return Err(Error::Input(format!(
+            "{source}: no readable clip to check fidelity on"
+        )));
+    }
+    let classes = head.text_features.len();
+    Ok(Fidelity {
+        source: source.to_string(),
+        clips: n,
+        top1_agreement: agree as f64 / n as f64,
+        logit_cosine_mean: cos_sum / n as f64,
+        logit_cosine_min: cos_min,
+        uar_f32: uar(&pa, classes),
+        uar_int8: uar(&pb, classes),
+    })
+}
+
+fn clip_list_sha(clips: &[LabelledClip]) -> String {
+    let mut paths: Vec<String> = clips.iter().map(|c| c.path.display().to_string()).collect();
+    paths.sort();
+    sha256_hex(paths.join("\n").as_bytes())
+}
+
+/// Export `model` (preprocessed as `preprocess`) to a package at `out`.
+pub fn export(
+    model: &PeClip,
+    preprocess: &PreprocessSpec,
+    provenance: Provenance,
+    out: &Path,
+    opts: &ExportOptions,
+) -> Result<ExportReport> {
+    let t0 = Instant::now();
+    if opts.window == 0 || opts.stride == Some(0) {
+        return Err(Error::Input("window and stride must be at least 1".into()));
+    }
+    let folded = fold(model, preprocess.pixel_norm)?;
+    let s = folded.image_size;
+    let quantize_adapters = opts.int8.as_ref().is_some_and(|q| q.quantize_adapters);
+    let g32 = build_step_graph(
+        &folded,
+        &BuildOptions {
+            quantize_adapters,
+            ..Default::default()
+        },
+    );
+    let head = Head {
+        feature_dim: folded.feature_dim(),
+        logit_scale: folded.logit_scale,
+        text_features: folded
+            .text_features
+            .chunks_exact(folded.feature_dim())
+            .map(<[f32]>::to_vec)
+            .collect(),
+    };
+    let f32_bytes = crate::onnx::to_bytes(&g32, &[]);
+    let mut lengths = Vec::new();
+    let (graph, quantization) = match &opts.int8 {
+        None => (g32.clone(), None),
+        Some(q) => {
+            if q.calib.is_empty() {
+                return Err(Error::Input(
+                    "int8 export needs calibration clips (--calib)".into(),
+                ));
+            }
+            let t = Instant::now();
+            let mut clips = Vec::new();
+            for c in &q.calib {
+                match clip_frames_and_length(&c.path, opts.window, s) {
+                    Ok((f, n)) if !f.is_empty() => {
+                        clips.push(f);
+                        lengths.push(n);
+                    }
+                    Ok(_) => log::warn!("{}: no readable frame, skipped", c.path.display()),
+                    Err(e) => log::warn!("calibration: skipping {e}"),
+                }
+            }
+            if clips.is_empty() {
+                return Err(Error::Input(format!(
+                    "{}: none of the {} calibration clips could be read",
+                    q.calib_source,
+                    q.calib.len()
+                )));
+            }
+            let frames: usize = clips.iter().map(Vec::len).sum();
+            log::info!(
+                "calibration: {} clips, {frames} frames loaded in {:.1} s",
+                clips.len(),
+                t.elapsed().as_secs_f64()
+            );
+            // Pass 1: per-channel input ranges of the LayerNorm-fed layers → SmoothQuant factors.
+            let calibrated = match q.smooth_alpha {
+                Some(alpha) => {
+                    let t = Instant::now();
+                    let mut cal = Calibrator::new(&g32, ObserverKind::MinMax, false);
+                    observe(&g32, &mut cal, &clips, "calibration pass 1")?;
+                    let smooth = smoothing_factors(&g32, &cal.input_channel_absmax(), alpha);
+                    log::info!(
+                        "calibration pass 1 (equalization, {} layers): {:.1} s",
+                        smooth.len(),
+                        t.elapsed().as_secs_f64()
+                    );
+                    build_step_graph(
+                        &folded,
+                        &BuildOptions {
+                            smooth,
+                            quantize_adapters,
+                        },
+                    )
+                }
+                None => g32.clone(),
+            };
+            // Pass 2: activation ranges with the chosen observer.
+            let t = Instant::now();
+            let mut cal = Calibrator::new(&calibrated, q.observer, q.column_scaling);
+            observe(&calibrated, &mut cal, &clips, "calibration pass 2")?;
+            let ranges = cal.ranges();
+            let (gq, layers) =
+                pe_clip_calibrate::graph::quantize(&calibrated, &ranges, q.column_scaling);
+            log::info!(
+                "calibration pass 2 ({} observer): {} layers quantized in {:.1} s",
+                q.observer,
+                layers.len(),
+                t.elapsed().as_secs_f64()
+            );
+            let fid = if opts.check.is_empty() {
+                None
+            } else {
+                let t = Instant::now();
+                let f = fidelity(
+                    &g32,
+                    &gq,
+                    &head,
+                    &opts.check,
+                    opts.window,
+                    s,
+                    &opts.check_source,
+                )?;
+                log::info!(
+                    "fidelity on {} clips: {:.1} s",
+                    f.clips,
+                    t.elapsed().as_secs_f64()
+                );
+                Some(f)
+            };
+            let quant = Quantization {
+                scheme: "int8 QLinearMatMul: signed int8 activations and weights, zero point 0, \
+                         one scale per weight tensor; attention products, softmax, norms, \
+                         activations and recurrent cells in f32"
+                    .into(),
+                observer: q.observer.to_string(),
+                smooth_alpha: q.smooth_alpha,
+                column_scaling: q.column_scaling,
+                quantized_layers: layers.len(),
+                linear_layers: calibrated.linears.len(),
+                calibration: CalibrationSummary {
+                    source: q.calib_source.clone(),
+                    clips: clips.len(),
+                    frames,
+                    clip_list_sha256: clip_list_sha(&q.calib),
+                },
+                fidelity: fid,
+            };
+            (gq, Some(quant))
+        }
+    };
+    let matmuls = (0..folded.blocks.len())
+        .map(|i| MatmulCount {
+            block: i,
+            unfolded: folded.unfolded_matmuls(i),
+            folded: matmuls_in_scope(&graph, &format!("block{i}")),
+        })
+        .collect();
+    let precision = if quantization.is_some() {
+        "int8"
+    } else {
+        "f32"
+    };
+    let stride = opts.stride.unwrap_or_else(|| {
+        lengths.sort_unstable();
+        match lengths.get(lengths.len() / 2) {
+            Some(&n) => (n as f64 / opts.window as f64).round().max(1.0) as usize,
+            None => 1,
+        }
+    });
+    let onnx = crate::onnx::to_bytes(
+        &graph,
+        &[
+            ("pe_clip.precision", precision.to_string()),
+            ("pe_clip.image_size", s.to_string()),
+        ],
+    );
+    let state = folded
+        .state_layout()
+        .into_iter()
+        .map(|(block, rows, width)| {
+            let cell = match &folded.blocks[block].temporal {
+                Some(FoldedTemporal::Recurrent(t)) => cell_name(t.cell),
+                _ => "none",
+            };
+            StateEntry {
+                block,
+                input: pe_clip_models::export::state_in(block),
+                output: pe_clip_models::export::state_out(block),
+                rows,
+                width,
+                cell: cell.to_string(),
+            }
+        })
+        .collect();
+    let manifest = Manifest {
+        format: PACKAGE_FORMAT.into(),
+        version: PACKAGE_VERSION,
+        precision: precision.into(),
+        model: MODEL_FILE.into(),
+        opset: crate::onnx::OPSET,
+        classes: model
+            .classes
+            .classes
+            .iter()
+            .map(|c| ClassEntry {
+                name: c.name.clone(),
+                text: c.descriptor.clone(),
+            })
+            .collect(),
+        head,
+        preprocess: Preprocess {
+            image_size: s,
+            color: "rgb".into(),
+            layout: "nhwc-u8".into(),
+            pixel_norm: preprocess.pixel_norm.to_string(),
+            resize: "bilinear (PIL-exact)".into(),
+            face_crop: opts.face_crop.clone(),
+        },
+        temporal: Temporal {
+            window: opts.window,
+            stride,
+        },
+        state,
+        quantization: quantization.clone(),
+        provenance,
+        checksums: Vec::new(),
+    };
+    write_package(out, manifest, &[(MODEL_FILE, &onnx)])?;
+    Ok(ExportReport {
+        package: out.to_path_buf(),
+        precision: precision.into(),
+        model_bytes: onnx.len(),
+        f32_model_bytes: f32_bytes.len(),
+        matmuls,
+        quantization,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 #[cfg(test)]
@@ -32,6 +520,7 @@ mod tests {
     use pe_clip_models::rng::SeededRng;
     use pe_clip_models::tokenizer::ClipTokenizer;
     use pe_clip_models::ClassSet;
+    use std::path::Path;
 
     fn model(cfg: PeClipConfig, seed: u64) -> PeClip {
         let dir = tempfile::tempdir().unwrap();
@@ -82,6 +571,213 @@ mod tests {
             }
         }
         worst
+    }
+
+    fn provenance() -> Provenance {
+        Provenance {
+            checkpoint: "test".into(),
+            checkpoint_sha256: sha256_hex(b"test"),
+            config: serde_json::json!({}),
+            source_revision: "test".into(),
+            pe_clip_version: "test".into(),
+            created_unix: 0,
+        }
+    }
+
+    /// A small synthetic dataset (DFEW layout) at the tiny model's size.
+    fn dataset(dir: &Path, train: usize, test: usize) -> (Vec<LabelledClip>, Vec<LabelledClip>) {
+        use pe_clip_models::dataset::{load, Split};
+        use pe_clip_models::synth::{write_dataset, DatasetOptions, SynthOptions};
+        write_dataset(
+            dir,
+            &DatasetOptions {
+                train,
+                test,
+                seed: 5,
+                size: 32,
+                clip: SynthOptions::default(),
+            },
+        )
+        .unwrap();
+        let get = |split| {
+            load(dir, split, 1, &ClassSet::default())
+                .unwrap()
+                .samples
+                .into_iter()
+                .map(|s| LabelledClip {
+                    path: s.clip,
+                    label: Some(s.label),
+                })
+                .collect::<Vec<_>>()
+        };
+        (get(Split::Train), get(Split::Test))
+    }
+
+    fn options(int8: Option<Int8Options>, check: Vec<LabelledClip>) -> ExportOptions {
+        ExportOptions {
+            int8,
+            check,
+            check_source: "test clips".into(),
+            window: 16,
+            stride: None,
+            face_crop: "none".into(),
+        }
+    }
+
+    /// An exported f32 package gives the candle model's clip logits (16 test-time frames, GRU
+    /// state from zero) through the manifest's head; loading refuses a damaged model file and an
+    /// unknown manifest version, naming the file.
+    #[test]
+    fn f32_package_reproduces_candle_clip_logits_and_verifies_itself() {
+        use crate::package::{Package, MANIFEST_FILE};
+        use pe_clip_models::peclip::GruMode;
+        use pe_clip_models::zero_shot::{l2_normalize, pixels_of};
+
+        let tmp = tempfile::tempdir().unwrap();
+        let (train, _) = dataset(&tmp.path().join("data"), 4, 0);
+        let m = model(PeClipConfig::default(), 21);
+        let spec = PreprocessSpec {
+            image_size: 32,
+            pixel_norm: PixelNorm::None,
+        };
+        let pkg_dir = tmp.path().join("pkg");
+        let report = export(
+            &m,
+            &spec,
+            provenance(),
+            &pkg_dir,
+            &options(None, Vec::new()),
+        )
+        .unwrap();
+        assert_eq!(report.precision, "f32");
+        // The ShA down-projection is fused with the attention output, the TDA scale with its
+        // down-projection: fewer MatMuls per block than the unfolded model.
+        for c in &report.matmuls {
+            assert!(c.folded < c.unfolded, "{c:?}");
+        }
+        let pkg = Package::open(&pkg_dir).unwrap();
+        assert_eq!(pkg.manifest.classes.len(), 7);
+        assert_eq!(pkg.manifest.temporal.window, 16);
+        let mut step = pkg.step_model().unwrap();
+        let text = l2_normalize(&m.text_features().unwrap()).unwrap();
+        for c in &train {
+            let clip = load_sampled_clip(&c.path, 16).unwrap();
+            let px = pixels_of(&clip, &spec, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let want = m
+                .forward_with_text(&px, GruMode::PerVideo, &text)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let frames = clip_frames(&c.path, 16, 32).unwrap();
+            let feats = clip_features(&mut step, &frames).unwrap();
+            let got = pkg
+                .manifest
+                .head
+                .logits_of_features(feats.iter().map(Vec::as_slice));
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() < 1e-3,
+                    "{}: {got:?} vs {want:?}",
+                    c.path.display()
+                );
+            }
+        }
+        // A flipped byte in model.onnx is refused with the file named.
+        let onnx = pkg_dir.join(MODEL_FILE);
+        let mut bytes = std::fs::read(&onnx).unwrap();
+        let k = bytes.len() / 2;
+        bytes[k] ^= 0x40;
+        std::fs::write(&onnx, &bytes).unwrap();
+        let err = Package::open(&pkg_dir).unwrap_err().to_string();
+        assert!(
+            err.contains("model.onnx") && err.contains("checksum"),
+            "{err}"
+        );
+        // A manifest of an unknown version is refused before anything else.
+        let mpath = pkg_dir.join(MANIFEST_FILE);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+        v["version"] = 99.into();
+        std::fs::write(&mpath, serde_json::to_vec(&v).unwrap()).unwrap();
+        let err = Package::open(&pkg_dir).unwrap_err().to_string();
+        assert!(err.contains("version 99"), "{err}");
+        // Exporting again replaces the package; a directory that is not a package is refused.
+        export(
+            &m,
+            &spec,
+            provenance(),
+            &pkg_dir,
+            &options(None, Vec::new()),
+        )
+        .unwrap();
+        Package::open(&pkg_dir).unwrap();
+        let other = tmp.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("notes.txt"), "mine").unwrap();
+        let err = export(&m, &spec, provenance(), &other, &options(None, Vec::new()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a pe-clip package"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(other.join("notes.txt")).unwrap(),
+            "mine"
+        );
+    }
+
+    /// The int8 export rewrites the backbone's four linear layers per block to `QLinearMatMul`,
+    /// calibrates on clips, and stays close to the f32 model on other clips.
+    #[test]
+    fn int8_package_is_calibrated_quantized_and_close_to_f32() {
+        use crate::package::Package;
+        let tmp = tempfile::tempdir().unwrap();
+        let (train, test) = dataset(&tmp.path().join("data"), 6, 6);
+        let m = model(PeClipConfig::default(), 22);
+        let spec = PreprocessSpec {
+            image_size: 32,
+            pixel_norm: PixelNorm::None,
+        };
+        for column_scaling in [false, true] {
+            let pkg_dir = tmp.path().join(format!("pkg-{column_scaling}"));
+            let int8 = Int8Options {
+                observer: ObserverKind::Mse,
+                smooth_alpha: Some(0.5),
+                column_scaling,
+                quantize_adapters: false,
+                calib: train.clone(),
+                calib_source: "train clips".into(),
+            };
+            let report = export(
+                &m,
+                &spec,
+                provenance(),
+                &pkg_dir,
+                &options(Some(int8), test.clone()),
+            )
+            .unwrap();
+            let q = report.quantization.as_ref().unwrap();
+            let blocks = report.matmuls.len();
+            assert_eq!(q.quantized_layers, 4 * blocks);
+            assert_eq!(q.calibration.clips, 6);
+            assert_eq!(q.calibration.frames, 6 * 16);
+            let f = q.fidelity.as_ref().unwrap();
+            assert_eq!(f.clips, 6);
+            assert!(f.logit_cosine_min > 0.99, "{column_scaling}: {f:?}");
+            let pkg = Package::open(&pkg_dir).unwrap();
+            assert_eq!(pkg.manifest.precision, "int8");
+            let onnx = std::fs::read(pkg.model_path()).unwrap();
+            let text = String::from_utf8_lossy(&onnx);
+            assert!(text.contains("QLinearMatMul"));
+            // The package runs: one frame through the loaded int8 model.
+            let mut step = pkg.step_model().unwrap();
+            let mut st = step.zero_state();
+            let feat = step.step(&vec![128u8; 32 * 32 * 3], &mut st).unwrap();
+            assert!(feat.iter().all(|v| v.is_finite()));
+        }
     }
 
     #[test]

@@ -11,3 +11,4 @@ pub mod error;
 #[cfg(feature = "train")]
 pub mod export;
 pub mod onnx;
+pub mod package;

@@ -65,6 +65,17 @@ impl PreprocessSpec {
         };
         to_chw(img, self.pixel_norm)
     }
+
+    /// Resize `frame` to the model size (the same bilinear resize) and return its RGB bytes,
+    /// row-major: the input of an exported step model, which scales and normalises inside.
+    pub fn frame_to_rgb_bytes(&self, frame: &RgbImage) -> Vec<u8> {
+        let size = self.image_size as u32;
+        if frame.width() == size && frame.height() == size {
+            frame.as_raw().clone()
+        } else {
+            resize_bilinear(frame, size, size).into_raw()
+        }
+    }
 }
 
 /// Convert an RGB image to CHW floats: `x / 255`, then the chosen normalisation.

@@ -3,6 +3,7 @@
 
 mod bench;
 mod eval;
+mod export;
 mod import_reference;
 mod info;
 mod init_random;
@@ -69,6 +70,8 @@ enum Command {
     Eval(eval::Args),
     /// Mean and spread of UAR/WAR over several `eval --json` reports (e.g. 5 DFEW folds).
     Summarize(summarize::Args),
+    /// Fold a trained run into a per-frame ONNX step model (optionally int8) and package it.
+    Export(export::Args),
     /// Benchmarks: training throughput and memory.
     Bench(bench::Args),
 }
@@ -110,6 +113,7 @@ pub fn main() -> ExitCode {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Summarize(a) => summarize::run(a),
+        Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {
