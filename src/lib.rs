@@ -10,5 +10,6 @@ pub mod engine;
 pub mod error;
 #[cfg(feature = "train")]
 pub mod export;
+pub mod frames;
 pub mod onnx;
 pub mod package;

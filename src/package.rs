@@ -108,13 +108,13 @@ pub struct StateEntry {
 /// What the integer export did and how well it kept the f32 model's answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Quantization {
-    /// E.g. `int8 QLinearMatMul, symmetric, zero point 0, per-tensor weight scales`.
+    /// What was quantized and how, in words.
     pub scheme: String,
     pub observer: String,
     /// SmoothQuant migration strength folded into the LayerNorms (absent: none).
     pub smooth_alpha: Option<f32>,
-    /// Per-output-column weight rescale applied after the integer matmul.
-    pub column_scaling: bool,
+    /// One weight scale per output column instead of one per tensor.
+    pub per_channel: bool,
     /// Linear layers in int8 (of all linear layers).
     pub quantized_layers: usize,
     pub linear_layers: usize,

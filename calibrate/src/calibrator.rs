@@ -1,5 +1,5 @@
 //! Calibration statistics of a graph's linear layers, gathered from the values a runtime computes
-//! on calibration frames ("taps": each layer's input and matmul output).
+//! on calibration frames ("taps": each quantizable layer's input).
 
 use std::collections::HashMap;
 
@@ -7,83 +7,37 @@ use crate::equalize::smooth_factors;
 use crate::graph::{Data, Graph, LinearRanges};
 use crate::observer::{Observer, ObserverKind};
 
-/// Per-output-channel factors `c_j = max|W[:, j]| / max|W|` of a weight stored `[in, out]`
-/// (floored at 1e-3 so a dead column stays representable). Dividing column `j` by `c_j` gives every
-/// column the same range, so one per-tensor int8 scale serves them all as per-channel scales
-/// would; multiplying the output by `c_j` afterwards restores the function.
-pub fn column_scales(w: &[f32], in_dim: usize, out_dim: usize) -> Vec<f32> {
-    assert_eq!(w.len(), in_dim * out_dim, "weight size");
-    let mut col = vec![0f32; out_dim];
-    for row in w.chunks_exact(out_dim.max(1)) {
-        for (c, v) in col.iter_mut().zip(row) {
-            *c = c.max(v.abs());
-        }
-    }
-    let top = col.iter().fold(0f32, |m, &v| m.max(v));
-    if top == 0.0 {
-        return vec![1.0; out_dim];
-    }
-    col.iter().map(|&c| (c / top).max(1e-3)).collect()
-}
-
 #[derive(Debug, Clone)]
 struct LayerStats {
     name: String,
-    out_dim: usize,
     in_dim: usize,
-    /// Column factors the output is observed (and later quantized) divided by.
-    col: Option<Vec<f32>>,
     x: Observer,
-    y: Observer,
     x_channels: Vec<f32>,
 }
 
-/// Which statistic a tapped value feeds.
-#[derive(Debug, Clone, Copy)]
-enum Side {
-    Input,
-    Output,
-}
-
-/// Observers for every quantizable linear layer of a graph.
+/// Observers of the inputs of every quantizable linear layer of a graph (the int8 form keeps
+/// outputs in f32, so only inputs need ranges).
 #[derive(Debug, Clone)]
 pub struct Calibrator {
     layers: Vec<LayerStats>,
-    by_value: HashMap<String, Vec<(usize, Side)>>,
+    by_value: HashMap<String, Vec<usize>>,
     frames: usize,
 }
 
 impl Calibrator {
-    /// Observers of `kind` for the quantizable layers of `graph`; with `column_scaling`, outputs
-    /// are observed divided by [`column_scales`] of the layer's weight.
-    pub fn new(graph: &Graph, kind: ObserverKind, column_scaling: bool) -> Self {
+    /// Observers of `kind` for the quantizable layers of `graph`.
+    pub fn new(graph: &Graph, kind: ObserverKind) -> Self {
         let mut layers = Vec::new();
-        let mut by_value: HashMap<String, Vec<(usize, Side)>> = HashMap::new();
+        let mut by_value: HashMap<String, Vec<usize>> = HashMap::new();
         for l in graph.linears.iter().filter(|l| l.quantizable) {
-            let col = if column_scaling {
-                match graph.constant_named(&l.weight).map(|c| &c.data) {
-                    Some(Data::F32(w)) => Some(column_scales(w, l.in_dim, l.out_dim)),
-                    _ => None,
-                }
-            } else {
-                None
-            };
-            let k = layers.len();
             by_value
                 .entry(l.input.clone())
                 .or_default()
-                .push((k, Side::Input));
-            by_value
-                .entry(l.matmul_out.clone())
-                .or_default()
-                .push((k, Side::Output));
+                .push(layers.len());
             layers.push(LayerStats {
                 name: l.name.clone(),
-                out_dim: l.out_dim,
                 in_dim: l.in_dim,
-                col,
                 x: Observer::new(kind),
-                y: Observer::new(kind),
                 x_channels: vec![0.0; l.in_dim],
             });
         }
@@ -106,29 +60,15 @@ impl Calibrator {
         let Some(targets) = self.by_value.get(name) else {
             return;
         };
-        for &(k, side) in targets {
+        for &k in targets {
             let l = &mut self.layers[k];
-            match side {
-                Side::Input => {
-                    l.x.observe(data);
-                    for row in data.chunks_exact(l.in_dim.max(1)) {
-                        for (m, v) in l.x_channels.iter_mut().zip(row) {
-                            if v.is_finite() {
-                                *m = m.max(v.abs());
-                            }
-                        }
+            l.x.observe(data);
+            for row in data.chunks_exact(l.in_dim.max(1)) {
+                for (m, v) in l.x_channels.iter_mut().zip(row) {
+                    if v.is_finite() {
+                        *m = m.max(v.abs());
                     }
                 }
-                Side::Output => match &l.col {
-                    Some(c) => {
-                        let scaled: Vec<f32> = data
-                            .chunks_exact(l.out_dim.max(1))
-                            .flat_map(|row| row.iter().zip(c).map(|(v, c)| v / c))
-                            .collect();
-                        l.y.observe(&scaled);
-                    }
-                    None => l.y.observe(data),
-                },
             }
         }
     }
@@ -143,17 +83,16 @@ impl Calibrator {
         self.frames
     }
 
-    /// The chosen input and output thresholds of every layer that saw data.
+    /// The chosen input threshold of every layer that saw data.
     pub fn ranges(&self) -> HashMap<String, LinearRanges> {
         self.layers
             .iter()
-            .filter(|l| l.x.count() > 0 && l.y.count() > 0)
+            .filter(|l| l.x.count() > 0)
             .map(|l| {
                 (
                     l.name.clone(),
                     LinearRanges {
                         input: l.x.threshold(),
-                        output: l.y.threshold(),
                     },
                 )
             })
@@ -205,36 +144,30 @@ mod tests {
     use crate::graph::{ElemType, LinearOpts};
 
     #[test]
-    fn column_scales_equalise_column_ranges() {
-        // [in = 2, out = 3]
-        let w = [1.0, -0.1, 0.0, -4.0, 0.2, 0.0];
-        let c = column_scales(&w, 2, 3);
-        assert_eq!(c, vec![1.0, 0.05, 1e-3]);
-    }
-
-    #[test]
-    fn calibrator_taps_inputs_and_outputs_and_scales_outputs_by_columns() {
+    fn calibrator_taps_layer_inputs_once_and_tracks_channel_ranges() {
         let mut g = Graph::new("t");
         let x = g.input("x", ElemType::F32, &[1, 2]);
-        g.linear(
-            &x,
-            "a",
-            &[2.0, 0.0, 0.0, 0.5], // [out, in]
-            2,
-            2,
-            LinearOpts {
-                quantizable: true,
-                ..LinearOpts::default()
-            },
-        );
-        let mut cal = Calibrator::new(&g, ObserverKind::MinMax, true);
-        assert_eq!(cal.taps(), vec!["a.matmul".to_string(), "x".to_string()]);
+        for name in ["a", "b"] {
+            g.linear(
+                &x,
+                name,
+                &[2.0, 0.0, 0.0, 0.5], // [out, in]
+                2,
+                2,
+                LinearOpts {
+                    quantizable: true,
+                    ..LinearOpts::default()
+                },
+            );
+        }
+        let mut cal = Calibrator::new(&g, ObserverKind::MinMax);
+        assert_eq!(cal.taps(), vec!["x".to_string()]);
         cal.observe("x", &[1.0, -3.0]);
-        cal.observe("a.matmul", &[2.0, -1.5]);
-        let r = cal.ranges()["a"];
-        assert_eq!(r.input, 3.0);
-        // Columns scale 1 and 0.25: outputs observed as 2 and -6.
-        assert_eq!(r.output, 6.0);
-        assert_eq!(cal.input_channel_absmax()["a"], vec![1.0, 3.0]);
+        cal.observe("x", &[2.0, 0.5]);
+        cal.observe("unrelated", &[100.0, 100.0]);
+        let r = cal.ranges();
+        assert_eq!(r["a"].input, 3.0);
+        assert_eq!(r["b"].input, 3.0);
+        assert_eq!(cal.input_channel_absmax()["a"], vec![2.0, 3.0]);
     }
 }

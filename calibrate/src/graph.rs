@@ -1,15 +1,14 @@
 //! A small ONNX-shaped graph: named values, nodes with ONNX operator names and attributes, and
 //! constant tensors. The exporter builds the f32 step model in it, [`quantize`] rewrites its linear
-//! layers to integer `QLinearMatMul`, and the binary serialises it to ONNX protobuf.
+//! layers to integer `MatMulInteger`, and the binary serialises it to ONNX protobuf.
 //!
 //! Values are strings (ONNX's namespace). Each [`Graph::linear`] records a [`LinearLayer`] so that
-//! calibration can observe its input and output and quantization can find it again.
+//! calibration can observe its input and quantization can find it again.
 
 use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::calibrator::column_scales;
 use crate::quant::{quantize_value, scale_for};
 
 /// Element types the step models use.
@@ -19,6 +18,7 @@ pub enum ElemType {
     F32,
     U8,
     I8,
+    I32,
     I64,
 }
 
@@ -29,6 +29,7 @@ impl ElemType {
             ElemType::F32 => 1,
             ElemType::U8 => 2,
             ElemType::I8 => 3,
+            ElemType::I32 => 6,
             ElemType::I64 => 7,
         }
     }
@@ -40,6 +41,7 @@ pub enum Data {
     F32(Vec<f32>),
     U8(Vec<u8>),
     I8(Vec<i8>),
+    I32(Vec<i32>),
     I64(Vec<i64>),
 }
 
@@ -49,6 +51,7 @@ impl Data {
             Data::F32(v) => v.len(),
             Data::U8(v) => v.len(),
             Data::I8(v) => v.len(),
+            Data::I32(v) => v.len(),
             Data::I64(v) => v.len(),
         }
     }
@@ -62,6 +65,7 @@ impl Data {
             Data::F32(_) => ElemType::F32,
             Data::U8(_) => ElemType::U8,
             Data::I8(_) => ElemType::I8,
+            Data::I32(_) => ElemType::I32,
             Data::I64(_) => ElemType::I64,
         }
     }
@@ -72,6 +76,7 @@ impl Data {
             Data::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Data::U8(v) => v.clone(),
             Data::I8(v) => v.iter().map(|&x| x as u8).collect(),
+            Data::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Data::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         }
     }
@@ -441,7 +446,7 @@ impl Graph {
             .map(|c| {
                 c.data.len()
                     * match c.data.elem() {
-                        ElemType::F32 => 4,
+                        ElemType::F32 | ElemType::I32 => 4,
                         ElemType::I64 => 8,
                         ElemType::U8 | ElemType::I8 => 1,
                     }
@@ -471,12 +476,11 @@ impl Graph {
     }
 }
 
-/// Calibrated ranges of one linear layer: the largest magnitudes its int8 input and output are
-/// scaled to (the observer's thresholds).
+/// Calibrated range of one linear layer: the largest input magnitude its int8 input is scaled
+/// to (the observer's threshold).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LinearRanges {
     pub input: f32,
-    pub output: f32,
 }
 
 /// What [`quantize`] did to one layer.
@@ -484,38 +488,41 @@ pub struct LinearRanges {
 pub struct QuantizedLayer {
     pub name: String,
     pub input_scale: f32,
+    /// The weight scale (the largest one with per-channel scales).
     pub weight_scale: f32,
-    pub output_scale: f32,
+    /// Whether the bias was folded into the integer accumulator.
+    pub bias_folded: bool,
 }
 
-/// Rewrite every quantizable linear layer that has `ranges` into the integer form tract runs fast:
+/// Rewrite every quantizable linear layer that has `ranges` into the integer form tract runs
+/// fast:
 ///
 /// ```text
-/// x ─ QuantizeLinear(s_x, 0) ─ QLinearMatMul(W_q, s_w, 0; s_y, 0) ─ DequantizeLinear(s_y, 0) ─ y
+/// x ─ QuantizeLinear(s_x, 0) ─ MatMulInteger(W_q) ─ Add(b_q, i32) ─ Cast(f32) ─ Mul(s_x·s_w) ─ y
 /// ```
 ///
-/// with signed int8 everywhere, zero points 0, one scale per weight tensor. The rest of the graph
-/// (attention products, softmax, norms, activations, the recurrent cell) stays f32.
+/// Signed int8 activations and weights at zero point 0, the bias folded into the `i32`
+/// accumulator (`b_q = round(b / (s_x·s_w))`), and one scale per weight tensor: tract fuses the
+/// bias add, the cast and the scalar rescale into its int8 matmul kernel, so the layer costs one
+/// quantization pass plus the integer matmul, and its output is not rounded to int8 again. The
+/// rest of the graph (attention products, softmax, norms, activations, the recurrent cell) stays
+/// f32.
 ///
-/// With `column_scaling`, each weight column is first divided by its
-/// [`column_scales`](crate::calibrator::column_scales) factor and the dequantized output multiplied
-/// back (an element-wise `Mul`): per-channel weight precision at per-tensor speed. `ranges` must
-/// then come from a [`Calibrator`](crate::calibrator::Calibrator) built with the same setting.
+/// With `per_channel`, each output column gets its own weight scale and the rescale is a
+/// per-column `Mul` (more precise weights; tract does not fuse that `Mul`, so it is slower).
 pub fn quantize(
     graph: &Graph,
     ranges: &HashMap<String, LinearRanges>,
-    column_scaling: bool,
+    per_channel: bool,
 ) -> (Graph, Vec<QuantizedLayer>) {
     let mut g = graph.clone();
     let mut done = Vec::new();
-    let zp = {
-        g.constants.push(Constant {
-            name: "q/zero_point".into(),
-            dims: Vec::new(),
-            data: Data::I8(vec![0]),
-        });
-        "q/zero_point".to_string()
-    };
+    let zp = "q/zero_point".to_string();
+    g.constants.push(Constant {
+        name: zp.clone(),
+        dims: Vec::new(),
+        data: Data::I8(vec![0]),
+    });
     let layers = g.linears.clone();
     for layer in layers.iter().filter(|l| l.quantizable) {
         let Some(r) = ranges.get(&layer.name) else {
@@ -534,78 +541,169 @@ pub fn quantize(
         let Data::F32(w) = &g.constants[wi].data else {
             continue;
         };
-        let col = column_scaling.then(|| column_scales(w, layer.in_dim, layer.out_dim));
-        let w: Vec<f32> = match &col {
-            Some(c) => w
-                .chunks_exact(layer.out_dim)
-                .flat_map(|row| row.iter().zip(c).map(|(v, c)| v / c))
-                .collect(),
-            None => w.clone(),
+        let (n_in, n_out) = (layer.in_dim, layer.out_dim);
+        // Weight scales: one, or one per output column of the `[in, out]` weight.
+        let sw: Vec<f32> = if per_channel {
+            let mut col = vec![0f32; n_out];
+            for row in w.chunks_exact(n_out) {
+                for (c, v) in col.iter_mut().zip(row) {
+                    *c = c.max(v.abs());
+                }
+            }
+            col.into_iter().map(scale_for).collect()
+        } else {
+            vec![scale_for(w.iter().fold(0f32, |m, v| m.max(v.abs())))]
         };
-        let absmax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let sw = scale_for(absmax);
-        let wq: Vec<i8> = w.iter().map(|&v| quantize_value(v, sw)).collect();
-        let (sx, sy) = (scale_for(r.input), scale_for(r.output));
+        let wq: Vec<i8> = w
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| quantize_value(v, sw[if per_channel { k % n_out } else { 0 }]))
+            .collect();
+        let sx = scale_for(r.input);
+        // The bias Add that reads the matmul output directly, if its other operand is a constant
+        // vector: absorbed into the accumulator.
+        let bias = g.nodes.iter().position(|n| {
+            n.op == "Add"
+                && n.inputs.len() == 2
+                && n.inputs[0] == layer.matmul_out
+                && g.constants.iter().any(|c| {
+                    c.name == n.inputs[1] && c.dims == [n_out] && matches!(c.data, Data::F32(_))
+                })
+        });
+        let bias_values: Option<(usize, Vec<f32>)> = bias.map(|bi| {
+            let c = g
+                .constants
+                .iter()
+                .find(|c| c.name == g.nodes[bi].inputs[1])
+                .expect("checked above");
+            let Data::F32(b) = &c.data else {
+                unreachable!("checked above")
+            };
+            (bi, b.clone())
+        });
+        // The matmul's consumers other than the absorbed Add must still see `matmul_out`.
+        let other_readers = g
+            .nodes
+            .iter()
+            .enumerate()
+            .any(|(k, n)| Some(k) != bias && n.inputs.iter().any(|i| i == &layer.matmul_out))
+            || g.outputs.iter().any(|o| o.name == layer.matmul_out);
+        let bias_values = if other_readers { None } else { bias_values };
+        let final_out = match &bias_values {
+            Some((bi, _)) => g.nodes[*bi].outputs[0].clone(),
+            None => layer.matmul_out.clone(),
+        };
         let n = &layer.name;
         g.constants[wi] = Constant {
             name: format!("{n}.weight_q"),
             dims: g.constants[wi].dims.clone(),
             data: Data::I8(wq),
         };
-        for (suffix, v) in [("x_scale", sx), ("w_scale", sw), ("y_scale", sy)] {
-            g.constants.push(Constant {
-                name: format!("{n}.{suffix}"),
-                dims: Vec::new(),
-                data: Data::F32(vec![v]),
-            });
-        }
-        let (xs, ws, ys) = (
+        let push = |g: &mut Graph, name: String, dims: Vec<usize>, data: Data| {
+            g.constants.push(Constant { name, dims, data });
+        };
+        push(
+            &mut g,
             format!("{n}.x_scale"),
-            format!("{n}.w_scale"),
-            format!("{n}.y_scale"),
+            Vec::new(),
+            Data::F32(vec![sx]),
         );
-        let (xq, yq) = (format!("{n}.x_q"), format!("{n}.y_q"));
-        let node = |op: &str, inputs: Vec<&str>, output: &str| Node {
+        let rescale: Vec<f32> = sw.iter().map(|s| s * sx).collect();
+        let rescale_dims = if per_channel { vec![n_out] } else { Vec::new() };
+        push(
+            &mut g,
+            format!("{n}.rescale"),
+            rescale_dims,
+            Data::F32(rescale.clone()),
+        );
+        let node = |op: &str, inputs: Vec<String>, output: &str, attrs: Vec<(String, Attr)>| Node {
             op: op.into(),
             name: format!("{output}/node"),
-            inputs: inputs.into_iter().map(str::to_string).collect(),
+            inputs,
             outputs: vec![output.to_string()],
-            attrs: Vec::new(),
+            attrs,
         };
-        let wname = format!("{n}.weight_q");
+        let (xq, acc, accb, accf) = (
+            format!("{n}.x_q"),
+            format!("{n}.acc"),
+            format!("{n}.acc_bias"),
+            format!("{n}.acc_f32"),
+        );
         let mut replacement = vec![
-            node("QuantizeLinear", vec![&layer.input, &xs, &zp], &xq),
             node(
-                "QLinearMatMul",
-                vec![&xq, &xs, &zp, &wname, &ws, &zp, &ys, &zp],
-                &yq,
+                "QuantizeLinear",
+                vec![layer.input.clone(), format!("{n}.x_scale"), zp.clone()],
+                &xq,
+                Vec::new(),
+            ),
+            node(
+                "MatMulInteger",
+                vec![xq.clone(), format!("{n}.weight_q"), zp.clone(), zp.clone()],
+                &acc,
+                Vec::new(),
             ),
         ];
-        match col {
-            Some(c) => {
-                let (cname, yd) = (format!("{n}.col_scale"), format!("{n}.y_deq"));
-                g.constants.push(Constant {
-                    name: cname.clone(),
-                    dims: vec![layer.out_dim],
-                    data: Data::F32(c),
-                });
-                replacement.push(node("DequantizeLinear", vec![&yq, &ys, &zp], &yd));
-                replacement.push(node("Mul", vec![&yd, &cname], &layer.matmul_out));
-            }
-            None => replacement.push(node(
-                "DequantizeLinear",
-                vec![&yq, &ys, &zp],
-                &layer.matmul_out,
-            )),
+        let mut acc_out = acc.clone();
+        if let Some((_, b)) = &bias_values {
+            let bq: Vec<i32> = b
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| {
+                    let s = rescale[if per_channel { j } else { 0 }];
+                    (v as f64 / s as f64)
+                        .round()
+                        .clamp(i32::MIN as f64 / 2.0, i32::MAX as f64 / 2.0)
+                        as i32
+                })
+                .collect();
+            push(&mut g, format!("{n}.bias_q"), vec![n_out], Data::I32(bq));
+            replacement.push(node(
+                "Add",
+                vec![acc.clone(), format!("{n}.bias_q")],
+                &accb,
+                Vec::new(),
+            ));
+            acc_out = accb;
+        }
+        replacement.push(node(
+            "Cast",
+            vec![acc_out],
+            &accf,
+            vec![("to".into(), Attr::Int(ElemType::F32.onnx_code() as i64))],
+        ));
+        replacement.push(node(
+            "Mul",
+            vec![accf.clone(), format!("{n}.rescale")],
+            &final_out,
+            Vec::new(),
+        ));
+        if let Some((bi, _)) = &bias_values {
+            // Remove the absorbed Add (after the MatMul, so `pos` stays valid).
+            debug_assert!(*bi > pos);
+            g.nodes.remove(*bi);
         }
         g.nodes.splice(pos..=pos, replacement);
+        let _ = n_in;
         done.push(QuantizedLayer {
             name: n.clone(),
             input_scale: sx,
-            weight_scale: sw,
-            output_scale: sy,
+            weight_scale: sw.iter().fold(0f32, |m, &v| m.max(v)),
+            bias_folded: bias_values.is_some(),
         });
     }
+    // Drop constants no node reads any more (the absorbed f32 biases).
+    let used: HashSet<&str> = g
+        .nodes
+        .iter()
+        .flat_map(|n| n.inputs.iter().map(String::as_str))
+        .collect();
+    let keep: Vec<Constant> = g
+        .constants
+        .iter()
+        .filter(|c| used.contains(c.name.as_str()))
+        .cloned()
+        .collect();
+    g.constants = keep;
     (g, done)
 }
 
@@ -651,6 +749,7 @@ mod tests {
             2,
             2,
             LinearOpts {
+                bias: Some(&[0.5, -1.0]),
                 quantizable: true,
                 ..LinearOpts::default()
             },
@@ -658,33 +757,31 @@ mod tests {
         let b = g.linear(&a, "b", &[1.0, 0.0, 0.0, 1.0], 2, 2, LinearOpts::default());
         g.output(&b, "y", ElemType::F32, Some(&[1, 2]));
         let ranges = HashMap::from([
-            (
-                "a".to_string(),
-                LinearRanges {
-                    input: 1.0,
-                    output: 3.0,
-                },
-            ),
-            (
-                "b".to_string(),
-                LinearRanges {
-                    input: 1.0,
-                    output: 3.0,
-                },
-            ),
+            ("a".to_string(), LinearRanges { input: 1.27 }),
+            ("b".to_string(), LinearRanges { input: 1.0 }),
         ]);
         let (q, done) = quantize(&g, &ranges, false);
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].name, "a");
+        assert!(done[0].bias_folded);
         assert!((done[0].weight_scale - 2.0 / 127.0).abs() < 1e-9);
-        assert_eq!(q.count_op("QLinearMatMul"), 1);
+        assert!((done[0].input_scale - 0.01).abs() < 1e-9);
+        assert_eq!(q.count_op("MatMulInteger"), 1);
         assert_eq!(q.count_op("MatMul"), 1);
+        // The f32 bias Add of `a` became the integer accumulator Add.
+        assert_eq!(q.count_op("Add"), 1);
         let wq = q.constant_named("a.weight_q").unwrap();
         // [in, out] = [[1, 0.5], [-2, 0.25]] at scale 2/127.
         assert_eq!(wq.data, Data::I8(vec![64, 32, -127, 16]));
         assert!(q.constant_named("a.weight").is_none());
-        // The dequantized output keeps the original value name, so the consumers are untouched.
-        let deq = q.nodes.iter().find(|n| n.op == "DequantizeLinear").unwrap();
-        assert_eq!(deq.outputs[0], "a.matmul");
+        assert!(q.constant_named("a.bias").is_none());
+        // b / (s_x s_w) = 0.5 / (0.01 * 2/127) = 3175, -1 -> -6350.
+        assert_eq!(
+            q.constant_named("a.bias_q").unwrap().data,
+            Data::I32(vec![3175, -6350])
+        );
+        // The rescaled output keeps the bias Add's output name, so the consumers are untouched.
+        let mul = q.nodes.iter().find(|n| n.op == "Mul").unwrap();
+        assert_eq!(mul.outputs[0], q.linears[1].input);
     }
 }

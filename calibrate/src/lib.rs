@@ -1,7 +1,10 @@
 //! Quantization maths for pe-clip's int8 export, independent of any graph format.
 //!
-//! The int8 form tract runs fast is `QLinearMatMul` with **signed int8 activations at zero point
-//! 0** and **one scale per weight tensor** (see the engineering notes). This crate estimates those
+//! The int8 form tract runs fast uses **signed int8 activations at zero point 0** and **one scale
+//! per weight tensor**: `QuantizeLinear → MatMulInteger → Add(i32 bias) → Cast → Mul(scale)`,
+//! which tract fuses into one int8 matmul (measured on this machine: a 197×768×3072 layer in 2.8
+//! ms against 4.5 ms in f32; `QLinearMatMul` followed by a float bias add took 4.8 ms, and a
+//! per-column rescale `Mul` is not fused and costs about as much again). This crate estimates the
 //! scales and prepares weights so that per-tensor scales lose little:
 //!
 //! - [`observer`]: activation statistics from calibration data and the scale each observer

@@ -1,7 +1,7 @@
 //! Symmetric int8 quantization: `q = clamp(round(x / scale), -127, 127)`, zero point 0.
 //!
 //! -128 is never produced, so `-q` is always representable and the range is symmetric, as
-//! `QLinearMatMul` with zero point 0 expects.
+//! integer matmuls with zero point 0 expect.
 
 use serde::{Deserialize, Serialize};
 

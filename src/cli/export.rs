@@ -38,10 +38,10 @@ pub struct Args {
     /// SmoothQuant strength folded into the LayerNorms before quantizing (0 turns it off).
     #[arg(long, default_value_t = 0.5)]
     smooth_alpha: f32,
-    /// Rescale every weight column to the full int8 range and multiply the output back
-    /// (per-channel weight precision at per-tensor speed, one extra element-wise Mul per layer).
+    /// One weight scale per output column instead of one per weight tensor (more precise
+    /// weights; slower in tract, which does not fuse the per-column rescale).
     #[arg(long)]
-    column_scaling: bool,
+    per_channel: bool,
     /// Also quantize the adapters' projections (ShA up, TDA input and up).
     #[arg(long)]
     quantize_adapters: bool,
@@ -134,7 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             Some(Int8Options {
                 observer,
                 smooth_alpha: (args.smooth_alpha > 0.0).then_some(args.smooth_alpha),
-                column_scaling: args.column_scaling,
+                per_channel: args.per_channel,
                 quantize_adapters: args.quantize_adapters,
                 calib,
                 calib_source,
@@ -210,14 +210,18 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     );
     if let Some(q) = &report.quantization {
         println!(
-            "int8: {} of {} linear layers, observer {}, smoothing {}, column scaling {}; \
+            "int8: {} of {} linear layers, observer {}, smoothing {}, {} weight scales; \
              calibrated on {} clips / {} frames",
             q.quantized_layers,
             q.linear_layers,
             q.observer,
             q.smooth_alpha
                 .map_or("off".to_string(), |a| format!("alpha {a}")),
-            if q.column_scaling { "on" } else { "off" },
+            if q.per_channel {
+                "per-column"
+            } else {
+                "per-tensor"
+            },
             q.calibration.clips,
             q.calibration.frames
         );

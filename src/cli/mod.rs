@@ -4,6 +4,7 @@
 mod bench;
 mod eval;
 mod export;
+mod features;
 mod import_reference;
 mod info;
 mod init_random;
@@ -72,7 +73,9 @@ enum Command {
     Summarize(summarize::Args),
     /// Fold a trained run into a per-frame ONNX step model (optionally int8) and package it.
     Export(export::Args),
-    /// Benchmarks: training throughput and memory.
+    /// Per-frame features and clip logits of clips through a model package (JSON lines).
+    Features(features::Args),
+    /// Benchmarks: training throughput, step latency of model packages.
     Bench(bench::Args),
 }
 
@@ -114,6 +117,7 @@ pub fn main() -> ExitCode {
         Command::Eval(a) => eval::run(a),
         Command::Summarize(a) => summarize::run(a),
         Command::Export(a) => export::run(a),
+        Command::Features(a) => features::run(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {
