@@ -263,6 +263,46 @@ impl StepModel {
         Ok((feature, extra))
     }
 
+    /// Run one frame timing every node: `(operator, milliseconds)` summed per operator name,
+    /// slowest first (for `pe-clip bench step --profile`). `state` advances as in [`step`].
+    ///
+    /// [`step`]: Self::step
+    pub fn profile_step(
+        &mut self,
+        frame: &[u8],
+        state: &mut StepState,
+    ) -> Result<Vec<(String, f64)>> {
+        let s = self.image_size;
+        let err = |e: TractError| Error::engine("profile", e);
+        let mut inputs: TVec<TValue> = tvec![Tensor::from_shape(&[1, s, s, 3], frame)
+            .map_err(err)?
+            .into()];
+        for t in state.tensors.drain(..) {
+            inputs.push(t.into());
+        }
+        let mut times: std::collections::HashMap<String, f64> = Default::default();
+        let out = self
+            .runner
+            .run_plan_with_eval(inputs, |ctx, op_state, node, input| {
+                let t = std::time::Instant::now();
+                let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                *times.entry(node.op().name().to_string()).or_default() +=
+                    t.elapsed().as_secs_f64() * 1e3;
+                r
+            })
+            .map_err(err)?;
+        let n = self.slots.len();
+        state.tensors = out
+            .into_iter()
+            .skip(1)
+            .take(n)
+            .map(|v| v.into_tensor())
+            .collect();
+        let mut v: Vec<(String, f64)> = times.into_iter().collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(v)
+    }
+
     /// The runnable plan (for benchmarks that spawn their own state).
     pub fn plan(&self) -> &Arc<TypedRunnableModel> {
         &self.plan

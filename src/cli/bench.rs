@@ -35,6 +35,9 @@ struct StepArgs {
     /// Timed steps per package and thread count (after 3 warm-up steps).
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// Also print where the time of one step goes, per operator (1 thread).
+    #[arg(long)]
+    profile: bool,
     /// Thread counts for tract's matmuls.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
@@ -108,6 +111,29 @@ fn run_step(a: StepArgs) -> anyhow::Result<u8> {
         None if a.packages.is_empty() => anyhow::bail!("give --package DIR or --arch ARCH"),
         None => a.packages.clone(),
     };
+    if a.profile {
+        for p in &packages {
+            crate::engine::set_threads(1);
+            let pkg = crate::package::Package::open(p)?;
+            let mut model = pkg.step_model()?;
+            let s = model.image_size();
+            let frame: Vec<u8> = (0..s * s * 3)
+                .map(|i| ((i * 37 + i / 7) % 251) as u8)
+                .collect();
+            let mut state = model.zero_state();
+            model.step(&frame, &mut state)?;
+            let ops = model.profile_step(&frame, &mut state)?;
+            let total: f64 = ops.iter().map(|o| o.1).sum();
+            eprintln!(
+                "{} ({}): {total:.1} ms per step by operator",
+                p.display(),
+                pkg.manifest.precision
+            );
+            for (op, ms) in ops.iter().take(12) {
+                eprintln!("  {ms:8.2} ms  {:5.1} %  {op}", 100.0 * ms / total);
+            }
+        }
+    }
     let mut rows = Vec::new();
     for p in &packages {
         for &t in &a.threads {
