@@ -387,6 +387,53 @@ mod train {
         assert_eq!(v["probs"].as_array().unwrap().len(), 7);
     }
 
+    /// `export --int8` calibrates and checks on a dataset and writes a package that `features`
+    /// runs; int8 without calibration clips and a damaged package are clear errors.
+    #[test]
+    fn export_int8_package_runs_and_damage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, r) = (dir.path().join("clip"), dir.path().join("run"));
+        let o = run(&["init-random", "--arch", "tiny", "--run", s(&r), s(&m)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let data = dir.path().join("data");
+        synth_small(&data, &["--train", "7", "--test", "7"]);
+        let pkg = dir.path().join("pkg");
+        let o = run(&["export", "--int8", s(&r), "-o", s(&pkg)]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains("--calib"), "{}", stderr(&o));
+        assert!(!pkg.exists());
+        let o = run(&[
+            "export",
+            "--int8",
+            s(&r),
+            "-o",
+            s(&pkg),
+            "--calib",
+            s(&data),
+            "--check",
+            s(&data),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["precision"], "int8");
+        assert_eq!(v["quantization"]["calibration"]["clips"], 7);
+        assert_eq!(v["quantization"]["fidelity"]["clips"], 7);
+        let clip = data.join("Clip/clip_224x224/00001");
+        let o = run(&["features", "--package", s(&pkg), s(&clip)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let f: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(f["logits"].as_array().unwrap().len(), 7);
+        assert_eq!(f["features"].as_array().unwrap().len(), 16);
+        // A truncated model file: refused, naming it.
+        let onnx = pkg.join("model.onnx");
+        let bytes = std::fs::read(&onnx).unwrap();
+        std::fs::write(&onnx, &bytes[..bytes.len() / 2]).unwrap();
+        let o = run(&["features", "--package", s(&pkg), s(&clip)]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains("model.onnx"), "{}", stderr(&o));
+    }
+
     #[test]
     fn init_random_run_directory_predicts() {
         let dir = tempfile::tempdir().unwrap();
