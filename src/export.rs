@@ -4,7 +4,7 @@
 //! The int8 recipe (see `pe_clip_calibrate::graph::quantize`): every backbone linear layer (qkv,
 //! attention output with the fused ShA down-projection, fc1, fc2) becomes `QuantizeLinear →
 //! MatMulInteger → Add(i32 bias) → Cast → Mul(scale)` with signed int8 at zero point 0 and one
-//! scale per weight tensor, which tract fuses into its int8 matmul kernel. Per-tensor scales lose
+//! scale per weight tensor, the bias folded into tract's int8 matmul kernel. Per-tensor scales lose
 //! accuracy where activation channels differ in range, so SmoothQuant factors measured on the
 //! calibration frames first move activation range into the weights through the preceding
 //! LayerNorm (exact in f32). Attention products, softmax, norms, activations, the recurrent cells

@@ -502,9 +502,9 @@ pub struct QuantizedLayer {
 /// ```
 ///
 /// Signed int8 activations and weights at zero point 0, the bias folded into the `i32`
-/// accumulator (`b_q = round(b / (s_x·s_w))`), and one scale per weight tensor: tract fuses the
-/// bias add, the cast and the scalar rescale into its int8 matmul kernel, so the layer costs one
-/// quantization pass plus the integer matmul, and its output is not rounded to int8 again. The
+/// accumulator (`b_q = round(b / (s_x·s_w))`), and one scale per weight tensor: tract folds the
+/// bias add into its int8 matmul kernel, the cast and the scalar rescale are one cheap pass each,
+/// and the output is not rounded to int8 again. The
 /// rest of the graph (attention products, softmax, norms, activations, the recurrent cell) stays
 /// f32.
 ///
