@@ -2,7 +2,7 @@
 # Regenerate the shipped demo package `models/demo/` from nothing (no CLIP weights, no dataset):
 # synthetic face clips, a CLIP stand-in pre-trained on synthetic frames, PE-CLIP adapted on top,
 # exported int8 with calibration on the training clips and checked on the held-out clips.
-# About 2 hours on a 2-core CPU. Usage: bash scripts/make-demo-package.sh [WORK_DIR]
+# About 1.5 hours on an idle 2-core CPU (most of it pre-training). Usage: bash scripts/make-demo-package.sh [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work="${1:-target/demo-work}"
