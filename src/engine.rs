@@ -232,21 +232,8 @@ impl StepModel {
         frame: &[u8],
         state: &mut StepState,
     ) -> Result<(Vec<f32>, Vec<TapValue>)> {
-        let s = self.image_size;
-        if frame.len() != s * s * 3 {
-            return Err(Error::Input(format!(
-                "a frame must be {s}x{s} RGB ({} bytes), got {} bytes",
-                s * s * 3,
-                frame.len()
-            )));
-        }
         let err = |e: TractError| Error::engine("step", e);
-        let mut inputs: TVec<TValue> = tvec![Tensor::from_shape(&[1, s, s, 3], frame)
-            .map_err(err)?
-            .into()];
-        for t in state.tensors.drain(..) {
-            inputs.push(t.into());
-        }
+        let inputs = self.inputs(frame, state)?;
         let out = self.runner.run(inputs).map_err(err)?;
         let n = self.slots.len();
         let mut values = out.into_iter();
@@ -263,6 +250,23 @@ impl StepModel {
         Ok((feature, extra))
     }
 
+    /// The frame (checked for size) and the states, taken out of `state`, as model inputs.
+    fn inputs(&self, frame: &[u8], state: &mut StepState) -> Result<TVec<TValue>> {
+        let s = self.image_size;
+        if frame.len() != s * s * 3 {
+            return Err(Error::Input(format!(
+                "a frame must be {s}x{s} RGB ({} bytes), got {} bytes",
+                s * s * 3,
+                frame.len()
+            )));
+        }
+        let frame =
+            Tensor::from_shape(&[1, s, s, 3], frame).map_err(|e| Error::engine("frame", e))?;
+        let mut inputs: TVec<TValue> = tvec![frame.into()];
+        inputs.extend(state.tensors.drain(..).map(TValue::from));
+        Ok(inputs)
+    }
+
     /// Run one frame timing every node: `(operator, milliseconds)` summed per operator name,
     /// slowest first (for `pe-clip bench step --profile`). `state` advances as in [`step`].
     ///
@@ -272,14 +276,8 @@ impl StepModel {
         frame: &[u8],
         state: &mut StepState,
     ) -> Result<Vec<(String, f64)>> {
-        let s = self.image_size;
         let err = |e: TractError| Error::engine("profile", e);
-        let mut inputs: TVec<TValue> = tvec![Tensor::from_shape(&[1, s, s, 3], frame)
-            .map_err(err)?
-            .into()];
-        for t in state.tensors.drain(..) {
-            inputs.push(t.into());
-        }
+        let inputs = self.inputs(frame, state)?;
         let mut times: std::collections::HashMap<String, f64> = Default::default();
         let out = self
             .runner

@@ -15,9 +15,12 @@ use std::time::Instant;
 
 use pe_clip_calibrate::calibrator::{smoothing_factors, Calibrator};
 use pe_clip_calibrate::graph::Graph;
+use pe_clip_calibrate::quant::cosine;
 use pe_clip_calibrate::ObserverKind;
 use pe_clip_models::export::{build_step_graph, BuildOptions, FoldedModel, FoldedTemporal};
+use pe_clip_models::metrics::Confusion;
 use pe_clip_models::peclip::{PeClip, TemporalCell};
+use pe_clip_models::prediction::argmax;
 use pe_clip_models::{PixelNorm, PreprocessSpec};
 
 use crate::engine::StepModel;
@@ -44,6 +47,27 @@ pub fn f32_graph(folded: &FoldedModel) -> Graph {
 pub struct LabelledClip {
     pub path: PathBuf,
     pub label: Option<usize>,
+}
+
+impl LabelledClip {
+    /// The labelled clips of one split of a dataset (any layout `dataset::load` reads).
+    pub fn from_dataset(
+        root: &Path,
+        split: pe_clip_models::dataset::Split,
+        fold: usize,
+        classes: &pe_clip_models::ClassSet,
+    ) -> Result<Vec<Self>> {
+        let data = pe_clip_models::dataset::load(root, split, fold, classes)
+            .map_err(|e| Error::Input(e.to_string()))?;
+        Ok(data
+            .samples
+            .into_iter()
+            .map(|s| Self {
+                path: s.clip,
+                label: Some(s.label),
+            })
+            .collect())
+    }
 }
 
 /// How `export` quantizes.
@@ -121,7 +145,6 @@ fn observe(g: &Graph, cal: &mut Calibrator, clips: &[Vec<Vec<u8>>], what: &str) 
             for (name, (_, values)) in names.iter().zip(&extra) {
                 cal.observe(name, values);
             }
-            cal.frame_done();
         }
     }
     Ok(())
@@ -134,45 +157,6 @@ fn cell_name(c: TemporalCell) -> &'static str {
         TemporalCell::Rnn => "rnn",
         TemporalCell::None => "none",
     }
-}
-
-/// Mean UAR from (label, predicted) pairs over `classes`.
-fn uar(pairs: &[(usize, usize)], classes: usize) -> Option<f64> {
-    if pairs.is_empty() {
-        return None;
-    }
-    let mut per = vec![(0usize, 0usize); classes];
-    for &(y, p) in pairs {
-        if y < classes {
-            per[y].1 += 1;
-            if y == p {
-                per[y].0 += 1;
-            }
-        }
-    }
-    let seen: Vec<f64> = per
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(c, n)| *c as f64 / *n as f64)
-        .collect();
-    Some(seen.iter().sum::<f64>() / seen.len() as f64)
-}
-
-fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb).max(1e-30)
 }
 
 /// Compare two step graphs clip by clip on `clips` through `head`.
@@ -188,7 +172,9 @@ pub fn fidelity(
     let mut a = load_step(reference, "f32 model")?;
     let mut b = load_step(candidate, "int8 model")?;
     let (mut agree, mut cos_sum, mut cos_min) = (0usize, 0f64, f64::INFINITY);
-    let (mut pa, mut pb) = (Vec::new(), Vec::new());
+    let classes = head.text_features.len();
+    let (mut ca, mut cb) = (Confusion::new(classes), Confusion::new(classes));
+    let mut labelled = 0usize;
     let mut n = 0usize;
     for c in clips {
         let frames = match clip_frames(&c.path, window, image_size) {
@@ -208,8 +194,9 @@ pub fn fidelity(
         cos_sum += cs;
         cos_min = cos_min.min(cs);
         if let Some(y) = c.label {
-            pa.push((y, ta));
-            pb.push((y, tb));
+            ca.add(y, ta);
+            cb.add(y, tb);
+            labelled += 1;
         }
         n += 1;
     }
@@ -218,15 +205,15 @@ pub fn fidelity(
             "{source}: no readable clip to check fidelity on"
         )));
     }
-    let classes = head.text_features.len();
+    let uar = |c: &Confusion| (labelled > 0).then(|| c.metrics().uar);
     Ok(Fidelity {
         source: source.to_string(),
         clips: n,
         top1_agreement: agree as f64 / n as f64,
         logit_cosine_mean: cos_sum / n as f64,
         logit_cosine_min: cos_min,
-        uar_f32: uar(&pa, classes),
-        uar_int8: uar(&pb, classes),
+        uar_f32: uar(&ca),
+        uar_int8: uar(&cb),
     })
 }
 
@@ -558,7 +545,7 @@ mod tests {
 
     /// A small synthetic dataset (DFEW layout) at the tiny model's size.
     fn dataset(dir: &Path, train: usize, test: usize) -> (Vec<LabelledClip>, Vec<LabelledClip>) {
-        use pe_clip_models::dataset::{load, Split};
+        use pe_clip_models::dataset::Split;
         use pe_clip_models::synth::{write_dataset, DatasetOptions, SynthOptions};
         write_dataset(
             dir,
@@ -571,17 +558,7 @@ mod tests {
             },
         )
         .unwrap();
-        let get = |split| {
-            load(dir, split, 1, &ClassSet::default())
-                .unwrap()
-                .samples
-                .into_iter()
-                .map(|s| LabelledClip {
-                    path: s.clip,
-                    label: Some(s.label),
-                })
-                .collect::<Vec<_>>()
-        };
+        let get = |split| LabelledClip::from_dataset(dir, split, 1, &ClassSet::default()).unwrap();
         (get(Split::Train), get(Split::Test))
     }
 
@@ -701,7 +678,7 @@ mod tests {
         );
     }
 
-    /// The int8 export rewrites the backbone's four linear layers per block to `QLinearMatMul`,
+    /// The int8 export rewrites the backbone's four linear layers per block to `MatMulInteger`,
     /// calibrates on clips, and stays close to the f32 model on other clips.
     #[test]
     fn int8_package_is_calibrated_quantized_and_close_to_f32() {

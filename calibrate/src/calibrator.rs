@@ -21,7 +21,6 @@ struct LayerStats {
 pub struct Calibrator {
     layers: Vec<LayerStats>,
     by_value: HashMap<String, Vec<usize>>,
-    frames: usize,
 }
 
 impl Calibrator {
@@ -41,11 +40,7 @@ impl Calibrator {
                 x_channels: vec![0.0; l.in_dim],
             });
         }
-        Self {
-            layers,
-            by_value,
-            frames: 0,
-        }
+        Self { layers, by_value }
     }
 
     /// The values to tap, each once.
@@ -71,16 +66,6 @@ impl Calibrator {
                 }
             }
         }
-    }
-
-    /// Count one calibration frame (for the report).
-    pub fn frame_done(&mut self) {
-        self.frames += 1;
-    }
-
-    /// Frames observed.
-    pub fn frames(&self) -> usize {
-        self.frames
     }
 
     /// The chosen input threshold of every layer that saw data.

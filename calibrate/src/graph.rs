@@ -154,9 +154,6 @@ pub struct Graph {
 #[derive(Debug, Clone, Default)]
 pub struct LinearOpts<'a> {
     pub bias: Option<&'a [f32]>,
-    /// Multiply output channel `j` by `col_scale[j]` after the matmul (with the weight's column
-    /// `j` divided by it beforehand, the f32 function is unchanged).
-    pub col_scale: Option<&'a [f32]>,
     pub quantizable: bool,
 }
 
@@ -398,8 +395,7 @@ impl Graph {
         let mut wt = vec![0f32; w.len()];
         for o in 0..out_dim {
             for i in 0..in_dim {
-                let c = opts.col_scale.map_or(1.0, |c| c[o]);
-                wt[i * out_dim + o] = w[o * in_dim + i] / c;
+                wt[i * out_dim + o] = w[o * in_dim + i];
             }
         }
         let weight = self.constant(&format!("{name}.weight"), &[in_dim, out_dim], Data::F32(wt));
@@ -417,15 +413,6 @@ impl Graph {
             after_norm: false,
         });
         let mut y = y;
-        if let Some(c) = opts.col_scale {
-            assert_eq!(c.len(), out_dim, "linear {name}: column scale size");
-            let c = self.constant(
-                &format!("{name}.col_scale"),
-                &[out_dim],
-                Data::F32(c.to_vec()),
-            );
-            y = self.mul(&y, &c);
-        }
         if let Some(b) = opts.bias {
             assert_eq!(b.len(), out_dim, "linear {name}: bias size");
             let b = self.constant(&format!("{name}.bias"), &[out_dim], Data::F32(b.to_vec()));
@@ -541,7 +528,7 @@ pub fn quantize(
         let Data::F32(w) = &g.constants[wi].data else {
             continue;
         };
-        let (n_in, n_out) = (layer.in_dim, layer.out_dim);
+        let n_out = layer.out_dim;
         // Weight scales: one, or one per output column of the `[in, out]` weight.
         let sw: Vec<f32> = if per_channel {
             let mut col = vec![0f32; n_out];
@@ -683,7 +670,6 @@ pub fn quantize(
             g.nodes.remove(*bi);
         }
         g.nodes.splice(pos..=pos, replacement);
-        let _ = n_in;
         done.push(QuantizedLayer {
             name: n.clone(),
             input_scale: sx,
@@ -712,7 +698,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn linear_stores_the_transposed_weight_divided_by_the_column_scale() {
+    fn linear_stores_the_transposed_weight_and_adds_the_bias() {
         let mut g = Graph::new("t");
         let x = g.input("x", ElemType::F32, &[1, 3]);
         let w = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]; // [2, 3]
@@ -724,16 +710,14 @@ mod tests {
             3,
             LinearOpts {
                 bias: Some(&[0.5, -0.5]),
-                col_scale: Some(&[1.0, 2.0]),
                 quantizable: true,
             },
         );
         let c = g.constant_named("fc.weight").unwrap();
         assert_eq!(c.dims, vec![3, 2]);
-        assert_eq!(c.data, Data::F32(vec![1.0, 2.0, 2.0, 2.5, 3.0, 3.0]));
+        assert_eq!(c.data, Data::F32(vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]));
         assert_eq!(g.linears.len(), 1);
         assert_eq!(g.linears[0].input, "x");
-        assert_eq!(g.count_op("Mul"), 1);
         assert_eq!(g.count_op("Add"), 1);
         assert_ne!(y, g.linears[0].matmul_out);
     }
@@ -751,7 +735,6 @@ mod tests {
             LinearOpts {
                 bias: Some(&[0.5, -1.0]),
                 quantizable: true,
-                ..LinearOpts::default()
             },
         );
         let b = g.linear(&a, "b", &[1.0, 0.0, 0.0, 1.0], 2, 2, LinearOpts::default());

@@ -59,15 +59,23 @@ struct StepTiming {
     min_ms: f64,
 }
 
-fn time_package(dir: &std::path::Path, threads: usize, steps: usize) -> anyhow::Result<StepTiming> {
-    use crate::package::Package;
+/// A package, its step model with tract on `threads` threads, and a fixed test frame.
+fn load_for_timing(
+    dir: &std::path::Path,
+    threads: usize,
+) -> anyhow::Result<(crate::package::Package, crate::engine::StepModel, Vec<u8>)> {
     crate::engine::set_threads(threads);
-    let pkg = Package::open(dir)?;
-    let mut model = pkg.step_model()?;
+    let pkg = crate::package::Package::open(dir)?;
+    let model = pkg.step_model()?;
     let s = model.image_size();
-    let frame: Vec<u8> = (0..s * s * 3)
+    let frame = (0..s * s * 3)
         .map(|i| ((i * 37 + i / 7) % 251) as u8)
         .collect();
+    Ok((pkg, model, frame))
+}
+
+fn time_package(dir: &std::path::Path, threads: usize, steps: usize) -> anyhow::Result<StepTiming> {
+    let (pkg, mut model, frame) = load_for_timing(dir, threads)?;
     let mut state = model.zero_state();
     for _ in 0..3 {
         model.step(&frame, &mut state)?;
@@ -113,13 +121,7 @@ fn run_step(a: StepArgs) -> anyhow::Result<u8> {
     };
     if a.profile {
         for p in &packages {
-            crate::engine::set_threads(1);
-            let pkg = crate::package::Package::open(p)?;
-            let mut model = pkg.step_model()?;
-            let s = model.image_size();
-            let frame: Vec<u8> = (0..s * s * 3)
-                .map(|i| ((i * 37 + i / 7) % 251) as u8)
-                .collect();
+            let (pkg, mut model, frame) = load_for_timing(p, 1)?;
             let mut state = model.zero_state();
             model.step(&frame, &mut state)?;
             let ops = model.profile_step(&frame, &mut state)?;
@@ -204,7 +206,7 @@ fn export_random(
     use pe_clip_calibrate::ObserverKind;
     use pe_clip_models::clip::random::write_random_model;
     use pe_clip_models::clip::{Arch, ClipConfig, ClipModel};
-    use pe_clip_models::dataset::{load, Split};
+    use pe_clip_models::dataset::Split;
     use pe_clip_models::peclip::{trainable_specs, PeClip, PeClipConfig, Trainables};
     use pe_clip_models::synth::{write_dataset, DatasetOptions, SynthOptions};
     use pe_clip_models::tokenizer::ClipTokenizer;
@@ -235,16 +237,7 @@ fn export_random(
             clip: SynthOptions::default(),
         },
     )?;
-    let clips = |split| -> anyhow::Result<Vec<LabelledClip>> {
-        Ok(load(&data, split, 1, &ClassSet::default())?
-            .samples
-            .into_iter()
-            .map(|x| LabelledClip {
-                path: x.clip,
-                label: Some(x.label),
-            })
-            .collect())
-    };
+    let clips = |split| LabelledClip::from_dataset(&data, split, 1, &ClassSet::default());
     log::info!(
         "random {arch} model and clips ready in {:.1} s",
         t.elapsed().as_secs_f64()

@@ -68,14 +68,7 @@ fn collect_clips(
     use anyhow::Context;
     use pe_clip_models::dataset;
     let mut clips: Vec<LabelledClip> = match dataset::detect_layout(root) {
-        Ok(_) => dataset::load(root, split, fold, classes)?
-            .samples
-            .into_iter()
-            .map(|s| LabelledClip {
-                path: s.clip,
-                label: Some(s.label),
-            })
-            .collect(),
+        Ok(_) => LabelledClip::from_dataset(root, split, fold, classes)?,
         Err(_) if root.is_dir() => {
             let mut v: Vec<PathBuf> = std::fs::read_dir(root)
                 .with_context(|| format!("cannot list {}", root.display()))?

@@ -35,11 +35,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             let logits = m
                 .head
                 .logits_of_features(features.iter().map(Vec::as_slice));
-            let best = logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map_or(0, |(i, _)| i);
+            let best = pe_clip_models::prediction::argmax(&logits);
             Ok(serde_json::json!({
                 "clip": clip.display().to_string(),
                 "frames": frames.len(),

@@ -88,7 +88,6 @@ impl Builder<'_> {
             lin.in_dim,
             LinearOpts {
                 bias: (!zero_bias).then_some(lin.b.as_slice()),
-                col_scale: None,
                 quantizable,
             },
         )
