@@ -461,7 +461,7 @@ pub fn export(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::engine::StepModel;
     use candle_core::{Device, Tensor};
@@ -571,6 +571,17 @@ mod tests {
             stride: None,
             face_crop: "none".into(),
         }
+    }
+
+    /// A tiny random-weight PE-CLIP exported as an f32 package at 32 px (runtime tests).
+    pub(crate) fn tiny_f32_package(dir: &Path, seed: u64) -> crate::package::Package {
+        let m = model(PeClipConfig::default(), seed);
+        let spec = PreprocessSpec {
+            image_size: 32,
+            pixel_norm: PixelNorm::None,
+        };
+        export(&m, &spec, provenance(), dir, &options(None, Vec::new())).unwrap();
+        crate::package::Package::open(dir).unwrap()
     }
 
     /// An exported f32 package gives the candle model's clip logits (16 test-time frames, GRU

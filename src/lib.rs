@@ -13,3 +13,4 @@ pub mod export;
 pub mod frames;
 pub mod onnx;
 pub mod package;
+pub mod runtime;

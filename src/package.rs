@@ -277,11 +277,104 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| Error::io(path, e))
 }
 
-/// A verified package on disk.
+/// The shipped demo package (`models/demo/`), embedded in the binary so that `pe-clip demo` runs
+/// anywhere the binary is copied.
+pub const DEMO_MANIFEST: &[u8] = include_bytes!("../models/demo/manifest.json");
+const DEMO_MODEL: &[u8] = include_bytes!("../models/demo/model.onnx");
+/// What the embedded demo package calls itself in messages.
+pub const DEMO_PACKAGE_NAME: &str = "<built-in demo package (models/demo)>";
+
+/// Model bytes held in memory (the embedded demo package).
+#[derive(Clone)]
+struct Embedded(&'static [u8]);
+
+impl std::fmt::Debug for Embedded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} embedded bytes", self.0.len())
+    }
+}
+
+/// A verified package on disk (or embedded in the binary).
 #[derive(Debug, Clone)]
 pub struct Package {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    embedded: Option<Embedded>,
+}
+
+/// Parse and check a manifest's format, version and head.
+fn parse_manifest(mpath: &Path, text: &[u8]) -> Result<Manifest> {
+    let value: serde_json::Value = serde_json::from_slice(text)
+        .map_err(|e| Error::package(mpath, format!("not valid JSON: {e}")))?;
+    match value.get("format").and_then(|v| v.as_str()) {
+        Some(PACKAGE_FORMAT) => {}
+        other => {
+            return Err(Error::package(
+                mpath,
+                format!("not a pe-clip package manifest (format {other:?})"),
+            ))
+        }
+    }
+    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    if version != PACKAGE_VERSION as u64 {
+        return Err(Error::package(
+            mpath,
+            format!(
+                "package version {version}, this pe-clip reads version {PACKAGE_VERSION}: \
+                 re-export the model with this pe-clip or use a matching pe-clip"
+            ),
+        ));
+    }
+    let manifest: Manifest = serde_json::from_value(value)
+        .map_err(|e| Error::package(mpath, format!("invalid manifest: {e}")))?;
+    if !manifest.checksums.iter().any(|c| c.file == manifest.model) {
+        return Err(Error::package(
+            mpath,
+            format!("no checksum for {}", manifest.model),
+        ));
+    }
+    let m = &manifest;
+    if m.head.text_features.len() != m.classes.len()
+        || m.head
+            .text_features
+            .iter()
+            .any(|r| r.len() != m.head.feature_dim)
+    {
+        return Err(Error::package(
+            mpath,
+            "head.text_features must have one row of feature_dim values per class",
+        ));
+    }
+    Ok(manifest)
+}
+
+fn check_sum(
+    path: &Path,
+    c: &FileSum,
+    len: u64,
+    sum: impl FnOnce() -> Result<String>,
+) -> Result<()> {
+    if len != c.bytes {
+        return Err(Error::package(
+            path,
+            format!(
+                "is {len} bytes, the manifest says {} (damaged or replaced)",
+                c.bytes
+            ),
+        ));
+    }
+    let sum = sum()?;
+    if sum != c.sha256 {
+        return Err(Error::package(
+            path,
+            format!(
+                "checksum mismatch (sha256 {sum}, the manifest says {}): the file is \
+                 damaged or does not belong to this manifest",
+                c.sha256
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Package {
@@ -293,35 +386,7 @@ impl Package {
             return Err(Error::package(dir, "package directory not found"));
         }
         let text = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
-        let value: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| Error::package(&mpath, format!("not valid JSON: {e}")))?;
-        match value.get("format").and_then(|v| v.as_str()) {
-            Some(PACKAGE_FORMAT) => {}
-            other => {
-                return Err(Error::package(
-                    &mpath,
-                    format!("not a pe-clip package manifest (format {other:?})"),
-                ))
-            }
-        }
-        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-        if version != PACKAGE_VERSION as u64 {
-            return Err(Error::package(
-                &mpath,
-                format!(
-                    "package version {version}, this pe-clip reads version {PACKAGE_VERSION}: \
-                     re-export the model with this pe-clip or use a matching pe-clip"
-                ),
-            ));
-        }
-        let manifest: Manifest = serde_json::from_value(value)
-            .map_err(|e| Error::package(&mpath, format!("invalid manifest: {e}")))?;
-        if !manifest.checksums.iter().any(|c| c.file == manifest.model) {
-            return Err(Error::package(
-                &mpath,
-                format!("no checksum for {}", manifest.model),
-            ));
-        }
+        let manifest = parse_manifest(&mpath, &text)?;
         for c in &manifest.checksums {
             let path = dir.join(&c.file);
             if c.file.contains('/') || c.file.contains("..") {
@@ -331,43 +396,32 @@ impl Package {
                 ));
             }
             let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
-            if meta.len() != c.bytes {
-                return Err(Error::package(
-                    &path,
-                    format!(
-                        "is {} bytes, the manifest says {} (damaged or replaced)",
-                        meta.len(),
-                        c.bytes
-                    ),
-                ));
-            }
-            let sum = sha256_file(&path)?;
-            if sum != c.sha256 {
-                return Err(Error::package(
-                    &path,
-                    format!(
-                        "checksum mismatch (sha256 {sum}, the manifest says {}): the file is \
-                         damaged or does not belong to this manifest",
-                        c.sha256
-                    ),
-                ));
-            }
-        }
-        let m = &manifest;
-        if m.head.text_features.len() != m.classes.len()
-            || m.head
-                .text_features
-                .iter()
-                .any(|r| r.len() != m.head.feature_dim)
-        {
-            return Err(Error::package(
-                &mpath,
-                "head.text_features must have one row of feature_dim values per class",
-            ));
+            check_sum(&path, c, meta.len(), || sha256_file(&path))?;
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,
+            embedded: None,
+        })
+    }
+
+    /// The demo package built into the binary, verified like one on disk.
+    pub fn embedded_demo() -> Result<Self> {
+        let dir = PathBuf::from(DEMO_PACKAGE_NAME);
+        let manifest = parse_manifest(&dir.join(MANIFEST_FILE), DEMO_MANIFEST)?;
+        let model = &manifest.model;
+        let c = manifest
+            .checksums
+            .iter()
+            .find(|c| &c.file == model)
+            .ok_or_else(|| Error::package(&dir, "no model checksum"))?;
+        check_sum(&dir.join(model), c, DEMO_MODEL.len() as u64, || {
+            Ok(sha256_hex(DEMO_MODEL))
+        })?;
+        Ok(Self {
+            dir,
+            manifest,
+            embedded: Some(Embedded(DEMO_MODEL)),
         })
     }
 
@@ -379,7 +433,10 @@ impl Package {
     /// Load the step model and check it against the manifest (input size, feature width, states).
     pub fn step_model(&self) -> Result<StepModel> {
         let path = self.model_path();
-        let model = StepModel::from_file(&path)?;
+        let model = match &self.embedded {
+            Some(Embedded(bytes)) => StepModel::from_onnx(bytes, &path.display().to_string())?,
+            None => StepModel::from_file(&path)?,
+        };
         let m = &self.manifest;
         let mismatch = |what: String| {
             Err(Error::package(

@@ -776,3 +776,148 @@ fn zero_shot_without_train_says_so() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("built without `train`"));
 }
+
+/// `pe-clip run` with no source and no camera is the demo: the built-in package on a generated
+/// stream; two runs print the same events and timeline, and the plot is written.
+#[test]
+fn run_without_a_source_is_the_deterministic_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = |name: &str| {
+        let plot = dir.path().join(name);
+        let o = bin()
+            .args(["run", "--frames", "400", "--plot", s(&plot)])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let svg = std::fs::read_to_string(&plot).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("neutral"));
+        (String::from_utf8_lossy(&o.stdout).into_owned(), stderr(&o))
+    };
+    let (a, err) = demo("a.svg");
+    let (b, _) = demo("b.svg");
+    assert_eq!(a.replace("a.svg", "b.svg"), b);
+    assert!(a.contains("pe-clip demo") && a.contains("timeline") && a.contains("truth"));
+    assert!(a.contains("[partial window]"), "{a}");
+    assert!(err.contains("400 frames") && err.contains("p95"), "{err}");
+}
+
+/// Events on a .y4m file: one JSON object per line with the documented fields; exact windows
+/// every hop after the partial ones.
+#[test]
+fn run_on_a_y4m_file_writes_json_line_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip.y4m");
+    let frames: Vec<image::RgbImage> = (0..40u8)
+        .map(|i| image::RgbImage::from_fn(80, 60, |x, y| image::Rgb([x as u8, y as u8, i * 6])))
+        .collect();
+    pe_clip_models::video::write_y4m_444(&clip, &frames, 25).unwrap();
+    let events = dir.path().join("events.jsonl");
+    let o = run(&[
+        "run",
+        "--source",
+        s(&clip),
+        "--stride",
+        "1",
+        "--hop",
+        "8",
+        "--roi",
+        "centre",
+        "--events",
+        s(&events),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for e in &lines {
+        for key in [
+            "frame",
+            "t_ms",
+            "logits",
+            "probs",
+            "label",
+            "confidence",
+            "partial",
+            "latency_ms",
+        ] {
+            assert!(e.get(key).is_some(), "{key} missing in {e}");
+        }
+        assert_eq!(e["probs"].as_array().unwrap().len(), 7);
+    }
+    let full: Vec<u64> = lines
+        .iter()
+        .filter(|e| e["partial"] == false)
+        .map(|e| e["frame"].as_u64().unwrap())
+        .collect();
+    assert_eq!(full, [15, 23, 31, 39]);
+    assert_eq!(lines[0]["t_ms"], 120.0); // frame 3 at 25 fps, partial after 4 frames
+}
+
+/// Faults: a missing or damaged package and a bad source are clean errors naming the path.
+#[test]
+fn run_faults_are_clean_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(&["run", "--package", "/no/such/package", "--source", "synth"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("/no/such/package"), "{}", stderr(&o));
+    let pkg = dir.path().join("pkg");
+    std::fs::create_dir(&pkg).unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    for f in ["manifest.json", "model.onnx"] {
+        std::fs::copy(demo.join(f), pkg.join(f)).unwrap();
+    }
+    let mut model = std::fs::read(pkg.join("model.onnx")).unwrap();
+    let mid = model.len() / 2;
+    model[mid] ^= 0x40;
+    std::fs::write(pkg.join("model.onnx"), model).unwrap();
+    let o = run(&["run", "--package", s(&pkg), "--source", "synth"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("checksum mismatch"), "{}", stderr(&o));
+    let o = run(&["run", "--source", "/no/such/clip.y4m"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("/no/such/clip.y4m"), "{}", stderr(&o));
+    let o = run(&[
+        "run",
+        "--source",
+        "synth",
+        "--plot",
+        s(&dir.path().join("x.png")),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains(".svg"), "{}", stderr(&o));
+}
+
+/// Ctrl-C (SIGINT) flushes the events and statistics and exits 0.
+#[test]
+fn sigint_flushes_and_exits_zero() {
+    use std::io::{BufRead, BufReader};
+    let mut child = bin()
+        .args([
+            "run",
+            "--source",
+            "synth",
+            "--realtime",
+            "--frames",
+            "100000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let e: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert!(e.get("label").is_some());
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("interrupted:"), "{}", stderr(&o));
+}

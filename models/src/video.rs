@@ -182,26 +182,7 @@ fn read_y4m_raw(path: &Path) -> Result<RawY4m> {
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut dec = y4m::Decoder::new(BufReader::new(file))
         .map_err(|e| Error::invalid(path, format!("not a y4m stream: {e}")))?;
-    use y4m::Colorspace as C;
-    let chroma_shift = match dec.get_colorspace() {
-        C::C420 | C::C420jpeg | C::C420paldv | C::C420mpeg2 => Some((1, 1)),
-        C::C422 => Some((1, 0)),
-        C::C444 => Some((0, 0)),
-        C::Cmono => None,
-        other => {
-            return Err(Error::invalid(
-                path,
-                format!("unsupported y4m colorspace {other:?} (8-bit only)"),
-            ))
-        }
-    };
-    let params = String::from_utf8_lossy(dec.get_raw_params()).to_string();
-    let layout = YuvLayout {
-        width: dec.get_width(),
-        height: dec.get_height(),
-        chroma_shift,
-        full_range: params.contains("XCOLORRANGE=FULL"),
-    };
+    let layout = y4m_layout(path, &dec)?;
     let mut frames = Vec::new();
     let mut skipped = Vec::new();
     let mut skip = |index: usize, reason: String| {
@@ -382,6 +363,112 @@ pub fn write_y4m_444(path: &Path, frames: &[RgbImage], fps: usize) -> Result<()>
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
         }
         Ok(())
+    })
+}
+
+/// A `.y4m` file read one frame at a time (the runtime's file source): constant memory however
+/// long the file is. A frame that cannot be read (bad frame header, cut short) ends the stream and
+/// is reported as a [`SkippedFrame`].
+pub struct Y4mStream {
+    path: PathBuf,
+    dec: y4m::Decoder<BufReader<std::fs::File>>,
+    layout: YuvLayout,
+    fps: Option<f64>,
+    next_index: usize,
+    file_len: u64,
+    done: bool,
+}
+
+impl Y4mStream {
+    /// Open `path` and read its stream header.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let dec = y4m::Decoder::new(BufReader::new(file))
+            .map_err(|e| Error::invalid(path, format!("not a y4m stream: {e}")))?;
+        let layout = y4m_layout(path, &dec)?;
+        let rate = dec.get_framerate();
+        let fps = (rate.num > 0 && rate.den > 0).then(|| rate.num as f64 / rate.den as f64);
+        Ok(Self {
+            path: path.to_path_buf(),
+            dec,
+            layout,
+            fps,
+            next_index: 0,
+            file_len,
+            done: false,
+        })
+    }
+
+    /// Frames per second from the stream header, when it gives one.
+    pub fn fps(&self) -> Option<f64> {
+        self.fps
+    }
+
+    /// Frame size (width, height).
+    pub fn size(&self) -> (usize, usize) {
+        (self.layout.width, self.layout.height)
+    }
+
+    /// The next frame as RGB; `None` at the end; `Some(Err)` for an unreadable frame (which
+    /// ends the stream).
+    pub fn next_frame(&mut self) -> Option<std::result::Result<RgbImage, SkippedFrame>> {
+        if self.done {
+            return None;
+        }
+        let index = self.next_index;
+        let skipped = |reason: String| SkippedFrame {
+            frame: format!("{}#{index}", self.path.display()),
+            reason,
+        };
+        match self.dec.read_frame() {
+            Ok(frame) => {
+                let mut raw = frame.get_y_plane().to_vec();
+                raw.extend_from_slice(frame.get_u_plane());
+                raw.extend_from_slice(frame.get_v_plane());
+                self.next_index += 1;
+                Some(Ok(yuv_to_rgb(&raw, self.layout)))
+            }
+            Err(y4m::Error::EOF) => {
+                self.done = true;
+                let expected = y4m_stream_len(&self.path, &self.layout, index).ok()?;
+                (expected < self.file_len).then(|| {
+                    Err(skipped(format!(
+                        "truncated frame ({} trailing bytes)",
+                        self.file_len - expected
+                    )))
+                })
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(skipped(format!(
+                    "{e}; the rest of the stream is unreadable"
+                ))))
+            }
+        }
+    }
+}
+
+fn y4m_layout<R: Read>(path: &Path, dec: &y4m::Decoder<R>) -> Result<YuvLayout> {
+    use y4m::Colorspace as C;
+    let chroma_shift = match dec.get_colorspace() {
+        C::C420 | C::C420jpeg | C::C420paldv | C::C420mpeg2 => Some((1, 1)),
+        C::C422 => Some((1, 0)),
+        C::C444 => Some((0, 0)),
+        C::Cmono => None,
+        other => {
+            return Err(Error::invalid(
+                path,
+                format!("unsupported y4m colorspace {other:?} (8-bit only)"),
+            ))
+        }
+    };
+    let params = String::from_utf8_lossy(dec.get_raw_params()).to_string();
+    Ok(YuvLayout {
+        width: dec.get_width(),
+        height: dec.get_height(),
+        chroma_shift,
+        full_range: params.contains("XCOLORRANGE=FULL"),
     })
 }
 

@@ -12,6 +12,7 @@ mod peclip_args;
 mod predict;
 mod pretrain;
 mod progress;
+mod run;
 mod summarize;
 mod synth;
 mod table;
@@ -77,6 +78,13 @@ enum Command {
     Features(features::Args),
     /// Benchmarks: training throughput, step latency of model packages.
     Bench(bench::Args),
+    /// The device loop: frames from a camera, file, folder or synthetic stream through a model
+    /// package, frame by frame, with sliding windows and smoothed expression events. Without
+    /// --source and no camera: the demo.
+    Run(run::Args),
+    /// The built-in demo package on a generated synthetic stream: events, a text timeline and a
+    /// plot (pe-clip-demo.svg).
+    Demo(run::Args),
 }
 
 /// The log level for `-v`/`-q` counts.
@@ -119,6 +127,8 @@ pub fn main() -> ExitCode {
         Command::Export(a) => export::run(a),
         Command::Features(a) => features::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Demo(a) => run::demo(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,411 @@
+//! `pe-clip run` (the device loop) and `pe-clip demo` (the same loop on the built-in demo package
+//! and a generated synthetic stream).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::package::Package;
+use crate::runtime::events::{Event, JsonLines};
+use crate::runtime::roi::RoiPolicy;
+use crate::runtime::smooth::Smoothing;
+use crate::runtime::source::{
+    FolderSource, FrameSource, SourceSpec, SynthSource, SynthStreamOptions, Y4mSource,
+};
+use crate::runtime::stats::StatsReport;
+use crate::runtime::{self, RunConfig, RunSummary, Sink};
+
+/// Default plot of the demo.
+pub const DEMO_PLOT: &str = "pe-clip-demo.svg";
+
+/// Arguments of `pe-clip run` and `pe-clip demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Model package directory (default: the demo package built into pe-clip).
+    #[arg(long, value_name = "DIR")]
+    package: Option<PathBuf>,
+    /// Frames: `camera` (/dev/video0), /dev/videoN, a .y4m file, a folder of frames, or `synth`.
+    /// Without it: the camera if there is one, else the demo on a synthetic stream.
+    #[arg(long, value_name = "SOURCE")]
+    source: Option<String>,
+    /// Face region: `full` frame, `centre` square, `auto` (face detector), or x,y,w,h in pixels.
+    /// Default: auto for a camera, full otherwise (files and the synthetic stream are face crops).
+    #[arg(long, value_name = "ROI")]
+    roi: Option<String>,
+    /// Run the model on every S-th source frame (default: the package's stride).
+    #[arg(long, value_name = "S", conflicts_with = "fps")]
+    stride: Option<usize>,
+    /// Run the model at about F frames per second of source time (sets the stride from the
+    /// source's frame rate).
+    #[arg(long, value_name = "F")]
+    fps: Option<f64>,
+    /// Sampled frames per prediction (default: the package's window, 16).
+    #[arg(long, value_name = "W")]
+    window: Option<usize>,
+    /// Sampled frames between predictions (default: the window).
+    #[arg(long, value_name = "H")]
+    hop: Option<usize>,
+    /// One recurrent chain never reset; each prediction averages the last W features (one model
+    /// step per sampled frame, approximate).
+    #[arg(long)]
+    continuous: bool,
+    /// Before the first full window, a partial prediction every N sampled frames (0: none).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    partial_every: usize,
+    /// Smoothing of probabilities: none, ema:ALPHA, hysteresis:MARGIN,HOLD.
+    #[arg(long, value_name = "SPEC", default_value = "ema:0.5")]
+    smooth: String,
+    /// Write events (JSON lines) to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
+    /// Write a timeline of class probabilities (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Print statistics to stderr every `--stats-every` seconds while running.
+    #[arg(long)]
+    stats: bool,
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    stats_every: f64,
+    /// Print the final statistics as JSON on stderr.
+    #[arg(long)]
+    stats_json: bool,
+    /// Stop after N source frames.
+    #[arg(long, value_name = "N")]
+    frames: Option<u64>,
+    /// Frame rate of sources without timing (frame folders), and of the synthetic stream.
+    #[arg(long, value_name = "F")]
+    source_fps: Option<f64>,
+    /// Synthetic stream: seed, frame size (default: the model's), near-infrared look, and pacing
+    /// at its frame rate like a camera.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    #[arg(long, value_name = "PX")]
+    synth_size: Option<u32>,
+    #[arg(long)]
+    infrared: bool,
+    #[arg(long)]
+    realtime: bool,
+    /// Threads for tract's matmuls (the frame reader has its own thread).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Sampled frames queued ahead of the model; beyond it a live source drops frames.
+    #[arg(long, default_value_t = 2)]
+    queue: usize,
+}
+
+/// The demo's length when `--frames` is not given (40 s of 30 fps video).
+const DEMO_FRAMES: u64 = 1200;
+
+fn open_source(
+    spec: &SourceSpec,
+    args: &Args,
+    image_size: usize,
+) -> anyhow::Result<Box<dyn FrameSource>> {
+    Ok(match spec {
+        SourceSpec::Synth => Box::new(SynthSource::new(SynthStreamOptions {
+            seed: args.seed,
+            size: args.synth_size.unwrap_or(image_size as u32),
+            frames: args.frames.or(Some(DEMO_FRAMES)),
+            fps: args.source_fps.unwrap_or(30.0),
+            infrared: args.infrared,
+            realtime: args.realtime,
+            ..Default::default()
+        })?),
+        SourceSpec::Y4m(p) => Box::new(Y4mSource::open(p, args.source_fps)?),
+        SourceSpec::Folder(p) => Box::new(FolderSource::open(p, args.source_fps)?),
+        SourceSpec::Camera(p) => camera_source(p)?,
+    })
+}
+
+fn camera_source(p: &Path) -> anyhow::Result<Box<dyn FrameSource>> {
+    anyhow::bail!(
+        "{}: V4L2 camera capture is not part of this build yet; give a .y4m file, a frame \
+         folder or `synth` as --source",
+        p.display()
+    )
+}
+
+/// Whether a camera is present (for the default source); never while capture is not built in.
+fn camera_present() -> bool {
+    false
+}
+
+/// One-letter symbols for the timeline, unique per class.
+fn class_symbols(classes: &[String]) -> Vec<char> {
+    let mut used = Vec::new();
+    for name in classes {
+        let c = name
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .map(|c| c.to_ascii_lowercase())
+            .find(|c| !used.contains(c))
+            .or_else(|| ('a'..='z').find(|c| !used.contains(c)))
+            .unwrap_or('?');
+        used.push(c);
+    }
+    used
+}
+
+/// The demo's text timeline: one column per full-window prediction.
+pub fn timeline_text(classes: &[String], events: &[Event]) -> String {
+    let sym = class_symbols(classes);
+    let full: Vec<&Event> = events.iter().filter(|e| !e.partial).collect();
+    let symbol = |name: &str| {
+        classes
+            .iter()
+            .position(|c| c == name)
+            .map(|i| sym[i])
+            .unwrap_or('?')
+    };
+    let mut out = String::new();
+    let span = match full.as_slice() {
+        [a, b, ..] => (b.t_ms - a.t_ms) / 1000.0,
+        _ => 0.0,
+    };
+    out.push_str(&format!(
+        "timeline: one column per window ({span:.2} s apart), {} windows\n",
+        full.len()
+    ));
+    let line: String = full.iter().map(|e| symbol(&e.label)).collect();
+    out.push_str(&format!("  label  {line}\n"));
+    if full.iter().any(|e| e.truth.is_some()) {
+        let truth: String = full
+            .iter()
+            .map(|e| e.truth.as_deref().map(symbol).unwrap_or(' '))
+            .collect();
+        out.push_str(&format!("  truth  {truth}\n"));
+        let agree = full
+            .iter()
+            .filter(|e| e.truth.as_deref() == Some(e.label.as_str()))
+            .count();
+        out.push_str(&format!(
+            "  windows whose label is the class shown at their last frame: {agree} of {} \
+             ({:.1} %)\n",
+            full.len(),
+            100.0 * agree as f64 / full.len().max(1) as f64
+        ));
+    }
+    let legend: Vec<String> = classes
+        .iter()
+        .zip(&sym)
+        .map(|(c, s)| format!("{s} {c}"))
+        .collect();
+    out.push_str(&format!("  {}\n", legend.join("  ")));
+    out
+}
+
+struct CliSink {
+    json: Option<JsonLines<Box<dyn Write>>>,
+    /// Demo: human lines on label changes.
+    human: bool,
+    last_label: Option<String>,
+    keep: bool,
+    events: Vec<Event>,
+    stats: bool,
+}
+
+impl Sink for CliSink {
+    fn event(&mut self, e: &Event) -> crate::error::Result<()> {
+        if let Some(j) = self.json.as_mut() {
+            j.write(e)
+                .map_err(|err| crate::error::Error::Input(format!("writing events: {err}")))?;
+        }
+        if self.human && self.last_label.as_deref() != Some(e.label.as_str()) {
+            println!(
+                "{:>7.2} s  frame {:>5}  {:<10} {:.2}{}{}",
+                e.t_ms / 1000.0,
+                e.frame,
+                e.label,
+                e.confidence,
+                e.truth
+                    .as_deref()
+                    .map(|t| format!("   (shown: {t})"))
+                    .unwrap_or_default(),
+                if e.partial { "   [partial window]" } else { "" }
+            );
+            self.last_label = Some(e.label.clone());
+        }
+        if self.keep {
+            self.events.push(e.clone());
+        }
+        Ok(())
+    }
+
+    fn stats(&mut self, r: &StatsReport) -> crate::error::Result<()> {
+        if self.stats {
+            eprintln!("stats: {}", r.line());
+        }
+        Ok(())
+    }
+}
+
+/// `pe-clip run`.
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    let demo = args.source.is_none() && !camera_present();
+    run_with(args, demo)
+}
+
+/// `pe-clip demo`.
+pub fn demo(args: Args) -> anyhow::Result<u8> {
+    run_with(args, true)
+}
+
+fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
+    crate::engine::set_threads(args.threads);
+    let package = match &args.package {
+        Some(dir) => Package::open(dir)?,
+        None => Package::embedded_demo()?,
+    };
+    let source_spec = match (&args.source, demo) {
+        (Some(s), _) => SourceSpec::parse(s)?,
+        (None, true) => SourceSpec::Synth,
+        (None, false) => SourceSpec::Camera(PathBuf::from("/dev/video0")),
+    };
+    if demo && args.plot.is_none() {
+        args.plot = Some(PathBuf::from(DEMO_PLOT));
+    }
+    let mut model = package.step_model()?;
+    let source = open_source(&source_spec, &args, package.manifest.preprocess.image_size)?;
+    let mut cfg = RunConfig::for_package(&package);
+    if let Some(s) = args.stride {
+        cfg.stride = s;
+    } else if let Some(f) = args.fps {
+        let src = source.fps().unwrap_or(runtime::source::DEFAULT_FPS);
+        anyhow::ensure!(f > 0.0, "--fps {f}: must be positive");
+        cfg.stride = ((src / f).round() as usize).max(1);
+    }
+    anyhow::ensure!(cfg.stride >= 1, "--stride 0: must be at least 1");
+    if let Some(w) = args.window {
+        cfg.windowing.window = w;
+        cfg.windowing.hop = w;
+    }
+    if let Some(h) = args.hop {
+        cfg.windowing.hop = h;
+    }
+    cfg.windowing.continuous = args.continuous;
+    cfg.windowing.partial_every = args.partial_every;
+    cfg.smoothing = args.smooth.parse::<Smoothing>()?;
+    cfg.roi = match &args.roi {
+        Some(r) => r.parse::<RoiPolicy>()?,
+        None if matches!(source_spec, SourceSpec::Camera(_)) => RoiPolicy::Auto,
+        None => RoiPolicy::Full,
+    };
+    cfg.queue = args.queue;
+    cfg.max_frames = args.frames;
+    cfg.stats_every = args
+        .stats
+        .then(|| Duration::from_secs_f64(args.stats_every.max(0.1)));
+    if let Some(p) = &args.plot {
+        anyhow::ensure!(
+            p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")),
+            "--plot {}: the timeline is written as SVG; give a file ending in .svg",
+            p.display()
+        );
+    }
+    let json: Option<JsonLines<Box<dyn Write>>> = match (&args.events, demo) {
+        (Some(path), _) => {
+            let f = std::fs::File::create(path)
+                .with_context(|| format!("cannot create the events file {}", path.display()))?;
+            Some(JsonLines::new(Box::new(std::io::BufWriter::new(f))))
+        }
+        (None, false) => Some(JsonLines::new(Box::new(std::io::stdout()))),
+        (None, true) => None,
+    };
+    let mut sink = CliSink {
+        json,
+        human: demo,
+        last_label: None,
+        keep: demo || args.plot.is_some(),
+        events: Vec::new(),
+        stats: args.stats,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second handler cannot be installed (tests call this twice): then Ctrl-C keeps the
+        // default behaviour.
+        let _ = ctrlc::set_handler(move || {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+    let m = &package.manifest;
+    if demo {
+        println!(
+            "pe-clip demo: {} ({}, {} px, window {}, stride {}) on {}",
+            package.dir.display(),
+            m.precision,
+            m.preprocess.image_size,
+            cfg.windowing.window,
+            cfg.stride,
+            source.describe()
+        );
+    }
+    let summary = runtime::run(&package, &mut model, source, &cfg, &mut sink, stop)?;
+    finish(&args, &package, &sink, &summary, demo)?;
+    Ok(super::EXIT_OK)
+}
+
+fn finish(
+    args: &Args,
+    package: &Package,
+    sink: &CliSink,
+    summary: &RunSummary,
+    demo: bool,
+) -> anyhow::Result<()> {
+    let classes = package.class_names();
+    if demo {
+        print!("{}", timeline_text(&classes, &sink.events));
+    }
+    if let Some(p) = &args.plot {
+        let title = format!("pe-clip: {} on {}", package.dir.display(), summary.source);
+        runtime::plot::write_timeline(p, &classes, &sink.events, &title)?;
+        if demo {
+            println!("plot: {}", p.display());
+        } else {
+            log::info!("wrote the timeline to {}", p.display());
+        }
+    }
+    let s = &summary.stats;
+    if args.stats_json {
+        eprintln!("{}", serde_json::to_string(s)?);
+    }
+    eprintln!(
+        "{}{}",
+        if summary.interrupted {
+            "interrupted: "
+        } else {
+            ""
+        },
+        s.line()
+    );
+    if summary.face_detections.0 > 0 {
+        eprintln!(
+            "face detector: {} of {} detections found a face",
+            summary.face_detections.1, summary.face_detections.0
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symbols_are_unique_per_class() {
+        let names: Vec<String> = pe_clip_models::ClassSet::default()
+            .classes
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        let s = class_symbols(&names);
+        let mut u = s.clone();
+        u.sort();
+        u.dedup();
+        assert_eq!(u.len(), names.len(), "{s:?}");
+    }
+}

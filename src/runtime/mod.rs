@@ -1,0 +1,535 @@
+//! The device runtime: frames from a source, the package's preprocessing, the int8 (or f32) step
+//! model frame by frame with its recurrent state carried, exact sliding windows, smoothing, and
+//! expression events.
+//!
+//! Two threads: the reader pulls frames from the source, keeps every `stride`-th, crops and
+//! resizes it, and hands it over through a bounded queue; the model thread steps the model and
+//! emits events. A live source (camera) never waits for the model: when the queue is full the
+//! sampled frame is dropped and counted. File sources wait, so every frame is used.
+
+pub mod events;
+pub mod plot;
+pub mod roi;
+pub mod smooth;
+pub mod source;
+pub mod stats;
+pub mod stream;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pe_clip_models::{PixelNorm, PreprocessSpec};
+
+use crate::engine::StepModel;
+use crate::error::{Error, Result};
+use crate::package::Package;
+use events::Event;
+use roi::{AutoRoiOptions, RoiPolicy, RoiTracker};
+use smooth::{Smoother, Smoothing};
+use source::{FrameSource, Item};
+use stats::{RunStats, StatsReport};
+use stream::{Streamer, Windowing};
+
+/// How a run samples, windows, smooths and reports.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Source frames per sampled frame (1: every frame).
+    pub stride: usize,
+    pub windowing: Windowing,
+    pub smoothing: Smoothing,
+    pub roi: RoiPolicy,
+    pub auto_roi: AutoRoiOptions,
+    /// Sampled frames the reader may queue ahead of the model.
+    pub queue: usize,
+    /// Stop after this many source frames.
+    pub max_frames: Option<u64>,
+    /// Report statistics this often (to the sink) while running.
+    pub stats_every: Option<Duration>,
+}
+
+impl RunConfig {
+    /// Defaults for `package`: its window and stride, hop = window.
+    pub fn for_package(package: &Package) -> Self {
+        let t = &package.manifest.temporal;
+        Self {
+            stride: t.stride.max(1),
+            windowing: Windowing {
+                window: t.window,
+                hop: t.window,
+                continuous: false,
+                partial_every: 4,
+            },
+            smoothing: Smoothing::default(),
+            roi: RoiPolicy::Full,
+            auto_roi: AutoRoiOptions::default(),
+            queue: 2,
+            max_frames: None,
+            stats_every: None,
+        }
+    }
+}
+
+/// Where events and periodic statistics go.
+pub trait Sink {
+    fn event(&mut self, event: &Event) -> Result<()>;
+    fn stats(&mut self, _report: &StatsReport) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl<F: FnMut(&Event) -> Result<()>> Sink for F {
+    fn event(&mut self, event: &Event) -> Result<()> {
+        self(event)
+    }
+}
+
+/// The end of a run.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub source: String,
+    pub stats: StatsReport,
+    /// The run ended because `stop` was set (Ctrl-C), not at the end of the source.
+    pub interrupted: bool,
+    /// `--roi auto`: detections run and faces found.
+    pub face_detections: (usize, usize),
+}
+
+/// A sampled, preprocessed frame on its way to the model.
+struct Sampled {
+    index: u64,
+    t_ms: f64,
+    bytes: Vec<u8>,
+    truth: Option<usize>,
+    arrived: Instant,
+    prep_ms: f64,
+}
+
+enum Msg {
+    Frame(Sampled),
+    End(Result<(usize, usize)>),
+}
+
+#[derive(Default)]
+struct Counters {
+    frames: AtomicU64,
+    sampled: AtomicU64,
+    dropped: AtomicU64,
+    corrupt: AtomicU64,
+}
+
+/// The preprocessing spec of a package (its size; normalisation happens inside the model).
+pub fn preprocess_spec(package: &Package) -> PreprocessSpec {
+    PreprocessSpec {
+        image_size: package.manifest.preprocess.image_size,
+        pixel_norm: PixelNorm::None,
+    }
+}
+
+fn reader(
+    mut source: Box<dyn FrameSource>,
+    cfg: RunConfig,
+    spec: PreprocessSpec,
+    tx: mpsc::SyncSender<Msg>,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+) {
+    let live = source.is_live();
+    let result = (|| -> Result<(usize, usize)> {
+        let mut tracker = RoiTracker::new(cfg.roi, cfg.auto_roi)?;
+        let stride = cfg.stride.max(1) as u64;
+        while !stop.load(Ordering::Relaxed) {
+            if cfg
+                .max_frames
+                .is_some_and(|n| counters.frames.load(Ordering::Relaxed) >= n)
+            {
+                break;
+            }
+            let item = match source.next_item()? {
+                Some(item) => item,
+                None => break,
+            };
+            let frame = match item {
+                Item::Frame(f) => f,
+                Item::Corrupt {
+                    index,
+                    frame,
+                    reason,
+                } => {
+                    log::warn!("frame {index} ({frame}) skipped: {reason}");
+                    counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            counters.frames.fetch_add(1, Ordering::Relaxed);
+            if frame.index % stride != 0 {
+                continue;
+            }
+            counters.sampled.fetch_add(1, Ordering::Relaxed);
+            let arrived = Instant::now();
+            let region = tracker.region(&frame.image);
+            let bytes = roi::model_input(&spec, &frame.image, region);
+            let msg = Msg::Frame(Sampled {
+                index: frame.index,
+                t_ms: frame.t_ms,
+                bytes,
+                truth: frame.truth,
+                arrived,
+                prep_ms: arrived.elapsed().as_secs_f64() * 1e3,
+            });
+            if live {
+                match tx.try_send(msg) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(TrySendError::Disconnected(_)) => break,
+                }
+            } else if tx.send(msg).is_err() {
+                break;
+            }
+        }
+        Ok((tracker.detections, tracker.found))
+    })();
+    let _ = tx.send(Msg::End(result));
+}
+
+/// Run `model` (loaded from `package`) over `source` until it ends or `stop` is set.
+pub fn run(
+    package: &Package,
+    model: &mut StepModel,
+    source: Box<dyn FrameSource>,
+    cfg: &RunConfig,
+    sink: &mut dyn Sink,
+    stop: Arc<AtomicBool>,
+) -> Result<RunSummary> {
+    cfg.windowing.validate()?;
+    if cfg.stride == 0 {
+        return Err(Error::Input("stride must be at least 1".into()));
+    }
+    let classes = package.class_names();
+    let mut streamer = Streamer::new(model, package.manifest.head.clone(), cfg.windowing)?;
+    let mut smoother = Smoother::new(cfg.smoothing);
+    let description = source.describe();
+    log::info!(
+        "running {} on {description}: stride {}, window {}, hop {}{}, roi {:?}, smoothing {}",
+        package.dir.display(),
+        cfg.stride,
+        cfg.windowing.window,
+        cfg.windowing.hop,
+        if cfg.windowing.continuous {
+            " (continuous)"
+        } else {
+            ""
+        },
+        cfg.roi,
+        cfg.smoothing
+    );
+    let counters = Arc::new(Counters::default());
+    let (tx, rx) = mpsc::sync_channel(cfg.queue.max(1));
+    let spec = preprocess_spec(package);
+    let reader_handle = {
+        let (cfg, counters, stop) = (cfg.clone(), counters.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("pe-clip-reader".into())
+            .spawn(move || reader(source, cfg, spec, tx, counters, stop))
+            .map_err(|e| Error::Input(format!("cannot start the reader thread: {e}")))?
+    };
+    let started = Instant::now();
+    let mut stats = RunStats::default();
+    let mut interval = RunStats::default();
+    let mut last_report = Instant::now();
+    let snapshot = |s: &mut RunStats| {
+        s.frames = counters.frames.load(Ordering::Relaxed);
+        s.sampled = counters.sampled.load(Ordering::Relaxed);
+        s.dropped = counters.dropped.load(Ordering::Relaxed);
+        s.corrupt = counters.corrupt.load(Ordering::Relaxed);
+    };
+    let outcome = loop {
+        if let Some(every) = cfg.stats_every {
+            if last_report.elapsed() >= every {
+                snapshot(&mut stats);
+                let mut r = stats.report(started.elapsed().as_secs_f64());
+                // Percentiles of this interval; counters since the start.
+                r.frame_latency = interval.frame_latency.summary();
+                r.event_latency = interval.event_latency.summary();
+                sink.stats(&r)?;
+                interval = RunStats::default();
+                last_report = Instant::now();
+            }
+        }
+        let msg = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(m) => m,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => {
+                break Err(Error::Input("the frame reader stopped unexpectedly".into()))
+            }
+        };
+        let s = match msg {
+            Msg::Frame(s) => s,
+            Msg::End(r) => break r,
+        };
+        let t0 = Instant::now();
+        let steps_before = streamer.steps;
+        let pred = streamer.push(model, &s.bytes, s.index, s.t_ms)?;
+        let frame_ms = s.prep_ms + t0.elapsed().as_secs_f64() * 1e3;
+        stats.processed += 1;
+        stats.steps += streamer.steps - steps_before;
+        stats.frame_latency.record(frame_ms);
+        interval.frame_latency.record(frame_ms);
+        if let Some(p) = pred {
+            let (smoothed, label) = smoother.update(&p.probs);
+            let latency_ms = s.arrived.elapsed().as_secs_f64() * 1e3;
+            let event = Event::new(&p, smoothed, label, &classes, latency_ms, s.truth);
+            sink.event(&event)?;
+            stats.predictions += 1;
+            stats.event_latency.record(latency_ms);
+            interval.event_latency.record(latency_ms);
+        }
+    };
+    // The reader has sent End (or the loop failed): make it stop and wait for it.
+    let interrupted = stop.swap(true, Ordering::Relaxed);
+    drop(rx);
+    let _ = reader_handle.join();
+    let face_detections = outcome?;
+    snapshot(&mut stats);
+    Ok(RunSummary {
+        source: description,
+        stats: stats.report(started.elapsed().as_secs_f64()),
+        interrupted,
+        face_detections,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::source::{FolderSource, SynthSource, SynthStreamOptions};
+    use super::*;
+    use crate::frames::clip_features;
+
+    fn synth(size: u32, frames: u64) -> SynthStreamOptions {
+        SynthStreamOptions {
+            seed: 11,
+            size,
+            frames: Some(frames),
+            ..Default::default()
+        }
+    }
+
+    fn collect(
+        package: &Package,
+        model: &mut StepModel,
+        source: Box<dyn FrameSource>,
+        cfg: &RunConfig,
+    ) -> (Vec<Event>, RunSummary) {
+        let mut events = Vec::new();
+        let mut sink = |e: &Event| {
+            events.push(e.clone());
+            Ok(())
+        };
+        let summary = run(
+            package,
+            model,
+            source,
+            cfg,
+            &mut sink,
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap();
+        (events, summary)
+    }
+
+    /// Every window the runtime reports equals the offline model on exactly those sampled frames
+    /// (zero state, mean of features, the package head), for several window/hop geometries, in
+    /// exact mode; partial predictions equal the offline model on the frames so far.
+    fn exact_windows_match_offline(package: &Package) {
+        let mut model = package.step_model().unwrap();
+        let size = package.manifest.preprocess.image_size as u32;
+        let head = &package.manifest.head;
+        let spec = preprocess_spec(package);
+        let stride = 2u64;
+        let total = 88u64;
+        // The sampled frames, independently of the runtime: every 2nd frame, whole frame.
+        let mut src = SynthSource::new(synth(size, total)).unwrap();
+        let mut sampled = Vec::new();
+        while let Some(Item::Frame(f)) = src.next_item().unwrap() {
+            if f.index % stride == 0 {
+                sampled.push((f.index, spec.frame_to_rgb_bytes(&f.image)));
+            }
+        }
+        for (window, hop) in [(16, 16), (16, 8), (16, 6), (5, 3), (4, 7)] {
+            let mut cfg = RunConfig::for_package(package);
+            cfg.stride = stride as usize;
+            cfg.windowing = Windowing {
+                window,
+                hop,
+                continuous: false,
+                partial_every: 2,
+            };
+            cfg.smoothing = Smoothing::None;
+            let source = Box::new(SynthSource::new(synth(size, total)).unwrap());
+            let (events, summary) = collect(package, &mut model, source, &cfg);
+            let n = sampled.len();
+            let full: Vec<&Event> = events.iter().filter(|e| !e.partial).collect();
+            assert_eq!(full.len(), (n - window) / hop + 1, "W {window} H {hop}");
+            assert_eq!(summary.stats.processed as usize, n);
+            let mut worst = 0f32;
+            for e in &events {
+                let last = sampled.iter().position(|(i, _)| *i == e.frame).unwrap();
+                let first = last + 1 - e.frames;
+                assert_eq!(sampled[first].0, e.first_frame);
+                if e.partial {
+                    assert_eq!(first, 0);
+                    assert!(e.frames < window);
+                } else {
+                    assert_eq!(e.frames, window);
+                    assert_eq!(first % hop, 0, "windows start every hop");
+                }
+                let frames: Vec<Vec<u8>> = sampled[first..=last]
+                    .iter()
+                    .map(|(_, b)| b.clone())
+                    .collect();
+                let feats = clip_features(&mut model, &frames).unwrap();
+                let want = head.logits_of_features(feats.iter().map(Vec::as_slice));
+                for (a, b) in e.logits.iter().zip(&want) {
+                    worst = worst.max((a - b).abs());
+                }
+            }
+            assert!(worst < 1e-4, "W {window} H {hop}: logits differ by {worst}");
+            // Steps: each sampled frame once per chain covering it.
+            let chains = window.div_ceil(hop);
+            assert!(summary.stats.steps as usize <= n * chains);
+            assert!(summary.stats.steps as usize >= full.len() * window);
+        }
+    }
+
+    #[test]
+    fn exact_windows_match_offline_int8_demo_package() {
+        exact_windows_match_offline(&Package::embedded_demo().unwrap());
+    }
+
+    #[cfg(feature = "train")]
+    #[test]
+    fn exact_windows_match_offline_f32_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let package = crate::export::tests::tiny_f32_package(&dir.path().join("pkg"), 3);
+        assert_eq!(package.manifest.precision, "f32");
+        exact_windows_match_offline(&package);
+    }
+
+    #[test]
+    fn continuous_mode_steps_once_per_frame_and_predicts_every_hop() {
+        let package = Package::embedded_demo().unwrap();
+        let mut model = package.step_model().unwrap();
+        let mut cfg = RunConfig::for_package(&package);
+        cfg.windowing.hop = 8;
+        cfg.windowing.continuous = true;
+        let source = Box::new(SynthSource::new(synth(64, 100)).unwrap());
+        let (events, summary) = collect(&package, &mut model, source, &cfg);
+        assert_eq!(summary.stats.steps, 50);
+        let full: Vec<&Event> = events.iter().filter(|e| !e.partial).collect();
+        assert_eq!(full.len(), (50 - 16) / 8 + 1);
+        assert!(full.iter().all(|e| e.frames == 16));
+        assert_eq!(events.iter().filter(|e| e.partial).count(), 3); // after 4, 8, 12 frames
+    }
+
+    #[test]
+    fn corrupt_frames_are_skipped_and_counted() {
+        let package = Package::embedded_demo().unwrap();
+        let mut model = package.step_model().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut src = SynthSource::new(synth(64, 40)).unwrap();
+        while let Some(Item::Frame(f)) = src.next_item().unwrap() {
+            f.image
+                .save(dir.path().join(format!("{:03}.png", f.index)))
+                .unwrap();
+        }
+        std::fs::write(dir.path().join("007.png"), b"broken").unwrap();
+        std::fs::write(dir.path().join("010.png"), b"").unwrap();
+        let mut cfg = RunConfig::for_package(&package);
+        cfg.stride = 1;
+        let source = Box::new(FolderSource::open(dir.path(), None).unwrap());
+        let (events, summary) = collect(&package, &mut model, source, &cfg);
+        assert_eq!(summary.stats.corrupt, 2);
+        assert_eq!(summary.stats.frames, 38);
+        assert_eq!(summary.stats.processed, 38);
+        assert_eq!(events.iter().filter(|e| !e.partial).count(), 2);
+    }
+
+    #[test]
+    fn stop_flag_ends_the_run_cleanly_with_statistics() {
+        let package = Package::embedded_demo().unwrap();
+        let mut model = package.step_model().unwrap();
+        let cfg = RunConfig::for_package(&package);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut seen = 0;
+        let flag = stop.clone();
+        let mut sink = |_: &Event| {
+            seen += 1;
+            if seen == 5 {
+                flag.store(true, Ordering::Relaxed);
+            }
+            Ok(())
+        };
+        let endless = SynthStreamOptions {
+            frames: None,
+            ..synth(64, 0)
+        };
+        let source = Box::new(SynthSource::new(endless).unwrap());
+        let summary = run(&package, &mut model, source, &cfg, &mut sink, stop).unwrap();
+        assert!(summary.interrupted);
+        assert!(summary.stats.predictions >= 5);
+        assert!(summary.stats.frame_latency.count > 0);
+    }
+
+    #[test]
+    fn a_live_source_drops_frames_when_the_model_falls_behind() {
+        struct Burst(u64);
+        impl FrameSource for Burst {
+            fn describe(&self) -> String {
+                "burst".into()
+            }
+            fn fps(&self) -> Option<f64> {
+                Some(1000.0)
+            }
+            fn is_live(&self) -> bool {
+                true
+            }
+            fn next_item(&mut self) -> Result<Option<Item>> {
+                self.0 += 1;
+                Ok((self.0 <= 400).then(|| {
+                    Item::Frame(source::Frame {
+                        index: self.0 - 1,
+                        t_ms: self.0 as f64,
+                        image: image::RgbImage::new(64, 64),
+                        truth: None,
+                    })
+                }))
+            }
+        }
+        let package = Package::embedded_demo().unwrap();
+        let mut model = package.step_model().unwrap();
+        let mut cfg = RunConfig::for_package(&package);
+        cfg.stride = 1;
+        // A sink slower than the source: 2 ms per event.
+        let mut sink = |_: &Event| {
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(())
+        };
+        cfg.windowing.hop = 1;
+        let summary = run(
+            &package,
+            &mut model,
+            Box::new(Burst(0)),
+            &cfg,
+            &mut sink,
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap();
+        let s = &summary.stats;
+        assert_eq!(s.frames, 400);
+        assert!(s.dropped > 0, "{s:?}");
+        assert_eq!(s.processed + s.dropped, s.sampled);
+    }
+}

@@ -1,0 +1,226 @@
+//! Streaming over sampled frames with exact windows.
+//!
+//! Window `W` (sampled frames) and hop `H`: window `j` covers sampled frames `[jH, jH + W)`.
+//! `n = ceil(W / H)` staggered chains share the work: chain `k` runs windows `j ≡ k (mod n)`,
+//! starting each from zero state, so every prediction equals the offline model's prediction on
+//! exactly those `W` frames (`logit_scale · normalize(mean_t feature_t) · text_features`). A
+//! sampled frame costs one model step per chain whose window covers it (about `W / H`).
+//!
+//! Before the first window completes, chain 0's running mean gives partial predictions (marked).
+//! `Continuous` mode instead runs one chain that is never reset and predicts from the mean of the
+//! last `W` features: one step per sampled frame, but the GRU state carries history from before
+//! the window, so it only approximates the offline model.
+
+use std::collections::VecDeque;
+
+use crate::engine::{StepModel, StepState};
+use crate::error::{Error, Result};
+use crate::package::Head;
+
+/// Window geometry and mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windowing {
+    /// Sampled frames per prediction.
+    pub window: usize,
+    /// Sampled frames between predictions.
+    pub hop: usize,
+    /// One never-reset chain, mean over the last `window` features.
+    pub continuous: bool,
+    /// Before the first full window, a partial prediction every this many sampled frames
+    /// (0: none).
+    pub partial_every: usize,
+}
+
+impl Windowing {
+    /// Check the geometry.
+    pub fn validate(&self) -> Result<()> {
+        if self.window == 0 || self.hop == 0 {
+            return Err(Error::Input(format!(
+                "window {} and hop {} must be at least 1",
+                self.window, self.hop
+            )));
+        }
+        Ok(())
+    }
+
+    /// Chains the exact mode keeps (`ceil(W / H)`; 1 in continuous mode).
+    pub fn chains(&self) -> usize {
+        if self.continuous {
+            1
+        } else {
+            self.window.div_ceil(self.hop)
+        }
+    }
+}
+
+/// One window's (or partial window's) answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// Sampled-frame index of the window's last frame (0-based).
+    pub sample: u64,
+    /// Source frame index of the window's first and last frame.
+    pub first_frame: u64,
+    pub frame: u64,
+    /// Timestamp of the last frame (ms).
+    pub t_ms: f64,
+    /// Sampled frames averaged (`window` unless partial).
+    pub frames: usize,
+    pub partial: bool,
+    pub logits: Vec<f32>,
+    pub probs: Vec<f32>,
+}
+
+struct Chain {
+    state: StepState,
+    sum: Vec<f64>,
+    count: usize,
+}
+
+/// Softmax of logits.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f64> = logits.iter().map(|l| ((l - max) as f64).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|v| (v / s) as f32).collect()
+}
+
+/// The streaming state: chains, the recent sampled frames' indices and (continuous mode) the
+/// last `window` features. An explicit value, owned by the caller.
+pub struct Streamer {
+    geometry: Windowing,
+    head: Head,
+    chains: Vec<Chain>,
+    /// (source frame index, t_ms) of the last `window` sampled frames.
+    recent: VecDeque<(u64, f64)>,
+    /// Continuous mode: the last `window` features and their sum.
+    features: VecDeque<Vec<f32>>,
+    feature_sum: Vec<f64>,
+    sampled: u64,
+    /// Model steps run (all chains).
+    pub steps: u64,
+}
+
+impl Streamer {
+    /// A streamer for `model` under `geometry`.
+    pub fn new(model: &StepModel, head: Head, geometry: Windowing) -> Result<Self> {
+        geometry.validate()?;
+        let dim = head.feature_dim;
+        let chains = (0..geometry.chains())
+            .map(|_| Chain {
+                state: model.zero_state(),
+                sum: vec![0.0; dim],
+                count: 0,
+            })
+            .collect();
+        Ok(Self {
+            geometry,
+            head,
+            chains,
+            recent: VecDeque::with_capacity(geometry.window + 1),
+            features: VecDeque::with_capacity(geometry.window + 1),
+            feature_sum: vec![0.0; dim],
+            sampled: 0,
+            steps: 0,
+        })
+    }
+
+    /// Sampled frames seen so far.
+    pub fn sampled(&self) -> u64 {
+        self.sampled
+    }
+
+    fn prediction(&self, sum: &[f64], frames: usize, partial: bool) -> Prediction {
+        let logits = self.head.logits_of_sum(sum);
+        let probs = softmax(&logits);
+        let (first_frame, _) = self.recent[self.recent.len() - frames.min(self.recent.len())];
+        let &(frame, t_ms) = self.recent.back().expect("a frame was pushed");
+        Prediction {
+            sample: self.sampled - 1,
+            first_frame,
+            frame,
+            t_ms,
+            frames,
+            partial,
+            logits,
+            probs,
+        }
+    }
+
+    /// Feed one sampled frame (model-ready bytes) with its source index and time; returns the
+    /// predictions it completes (at most one full window, or one partial).
+    pub fn push(
+        &mut self,
+        model: &mut StepModel,
+        frame_bytes: &[u8],
+        frame_index: u64,
+        t_ms: f64,
+    ) -> Result<Option<Prediction>> {
+        let g = self.geometry;
+        let i = self.sampled as usize;
+        self.sampled += 1;
+        self.recent.push_back((frame_index, t_ms));
+        if self.recent.len() > g.window {
+            self.recent.pop_front();
+        }
+        let partial_due = g.partial_every > 0 && (i + 1).is_multiple_of(g.partial_every);
+        if g.continuous {
+            let chain = &mut self.chains[0];
+            let f = model.step(frame_bytes, &mut chain.state)?;
+            self.steps += 1;
+            for (s, v) in self.feature_sum.iter_mut().zip(&f) {
+                *s += *v as f64;
+            }
+            self.features.push_back(f);
+            if self.features.len() > g.window {
+                let old = self.features.pop_front().expect("non-empty");
+                for (s, v) in self.feature_sum.iter_mut().zip(&old) {
+                    *s -= *v as f64;
+                }
+            }
+            let n = self.features.len();
+            return Ok(
+                if n == g.window && (i + 1 - g.window).is_multiple_of(g.hop) {
+                    Some(self.prediction(&self.feature_sum, n, false))
+                } else if n < g.window && partial_due {
+                    Some(self.prediction(&self.feature_sum, n, true))
+                } else {
+                    None
+                },
+            );
+        }
+        let period = self.chains.len() * g.hop;
+        let mut done = None;
+        for k in 0..self.chains.len() {
+            let start = k * g.hop;
+            if i < start {
+                continue;
+            }
+            let r = (i - start) % period;
+            if r >= g.window {
+                continue;
+            }
+            let chain = &mut self.chains[k];
+            if r == 0 {
+                chain.state = model.zero_state();
+                chain.sum.iter_mut().for_each(|s| *s = 0.0);
+                chain.count = 0;
+            }
+            let f = model.step(frame_bytes, &mut chain.state)?;
+            self.steps += 1;
+            for (s, v) in chain.sum.iter_mut().zip(&f) {
+                *s += *v as f64;
+            }
+            chain.count += 1;
+            if chain.count == g.window {
+                done = Some(k);
+            }
+        }
+        Ok(if let Some(k) = done {
+            Some(self.prediction(&self.chains[k].sum, g.window, false))
+        } else if i + 1 < g.window && partial_due {
+            Some(self.prediction(&self.chains[0].sum, i + 1, true))
+        } else {
+            None
+        })
+    }
+}
