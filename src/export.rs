@@ -532,6 +532,14 @@ pub(crate) mod tests {
         worst
     }
 
+    /// The tiny test model's preprocessing: 32 px, scaled to 0..1 inside the model.
+    fn spec32() -> PreprocessSpec {
+        PreprocessSpec {
+            image_size: 32,
+            pixel_norm: PixelNorm::None,
+        }
+    }
+
     fn provenance() -> Provenance {
         Provenance {
             checkpoint: "test".into(),
@@ -576,10 +584,7 @@ pub(crate) mod tests {
     /// A tiny random-weight PE-CLIP exported as an f32 package at 32 px (runtime tests).
     pub(crate) fn tiny_f32_package(dir: &Path, seed: u64) -> crate::package::Package {
         let m = model(PeClipConfig::default(), seed);
-        let spec = PreprocessSpec {
-            image_size: 32,
-            pixel_norm: PixelNorm::None,
-        };
+        let spec = spec32();
         export(&m, &spec, provenance(), dir, &options(None, Vec::new())).unwrap();
         crate::package::Package::open(dir).unwrap()
     }
@@ -596,10 +601,7 @@ pub(crate) mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (train, _) = dataset(&tmp.path().join("data"), 4, 0);
         let m = model(PeClipConfig::default(), 21);
-        let spec = PreprocessSpec {
-            image_size: 32,
-            pixel_norm: PixelNorm::None,
-        };
+        let spec = spec32();
         let pkg_dir = tmp.path().join("pkg");
         let report = export(
             &m,
@@ -697,10 +699,7 @@ pub(crate) mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (train, test) = dataset(&tmp.path().join("data"), 6, 6);
         let m = model(PeClipConfig::default(), 22);
-        let spec = PreprocessSpec {
-            image_size: 32,
-            pixel_norm: PixelNorm::None,
-        };
+        let spec = spec32();
         for per_channel in [false, true] {
             let pkg_dir = tmp.path().join(format!("pkg-{per_channel}"));
             let int8 = Int8Options {

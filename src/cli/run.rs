@@ -278,7 +278,6 @@ fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
         anyhow::ensure!(f > 0.0, "--fps {f}: must be positive");
         cfg.stride = ((src / f).round() as usize).max(1);
     }
-    anyhow::ensure!(cfg.stride >= 1, "--stride 0: must be at least 1");
     if let Some(w) = args.window {
         cfg.windowing.window = w;
         cfg.windowing.hop = w;
@@ -300,11 +299,7 @@ fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
         .stats
         .then(|| Duration::from_secs_f64(args.stats_every.max(0.1)));
     if let Some(p) = &args.plot {
-        anyhow::ensure!(
-            p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")),
-            "--plot {}: the timeline is written as SVG; give a file ending in .svg",
-            p.display()
-        );
+        runtime::plot::check_path(p)?;
     }
     let json: Option<JsonLines<Box<dyn Write>>> = match (&args.events, demo) {
         (Some(path), _) => {

@@ -204,7 +204,6 @@ pub fn run(
     sink: &mut dyn Sink,
     stop: Arc<AtomicBool>,
 ) -> Result<RunSummary> {
-    cfg.windowing.validate()?;
     if cfg.stride == 0 {
         return Err(Error::Input("stride must be at least 1".into()));
     }
@@ -241,10 +240,10 @@ pub fn run(
     let mut interval = RunStats::default();
     let mut last_report = Instant::now();
     let snapshot = |s: &mut RunStats| {
-        s.frames = counters.frames.load(Ordering::Relaxed);
-        s.sampled = counters.sampled.load(Ordering::Relaxed);
-        s.dropped = counters.dropped.load(Ordering::Relaxed);
-        s.corrupt = counters.corrupt.load(Ordering::Relaxed);
+        s.counts.frames = counters.frames.load(Ordering::Relaxed);
+        s.counts.sampled = counters.sampled.load(Ordering::Relaxed);
+        s.counts.dropped = counters.dropped.load(Ordering::Relaxed);
+        s.counts.corrupt = counters.corrupt.load(Ordering::Relaxed);
     };
     let outcome = loop {
         if let Some(every) = cfg.stats_every {
@@ -274,8 +273,8 @@ pub fn run(
         let steps_before = streamer.steps;
         let pred = streamer.push(model, &s.bytes, s.index, s.t_ms)?;
         let frame_ms = s.prep_ms + t0.elapsed().as_secs_f64() * 1e3;
-        stats.processed += 1;
-        stats.steps += streamer.steps - steps_before;
+        stats.counts.processed += 1;
+        stats.counts.steps += streamer.steps - steps_before;
         stats.frame_latency.record(frame_ms);
         interval.frame_latency.record(frame_ms);
         if let Some(p) = pred {
@@ -283,7 +282,7 @@ pub fn run(
             let latency_ms = s.arrived.elapsed().as_secs_f64() * 1e3;
             let event = Event::new(&p, smoothed, label, &classes, latency_ms, s.truth);
             sink.event(&event)?;
-            stats.predictions += 1;
+            stats.counts.predictions += 1;
             stats.event_latency.record(latency_ms);
             interval.event_latency.record(latency_ms);
         }
@@ -373,7 +372,7 @@ mod tests {
             let n = sampled.len();
             let full: Vec<&Event> = events.iter().filter(|e| !e.partial).collect();
             assert_eq!(full.len(), (n - window) / hop + 1, "W {window} H {hop}");
-            assert_eq!(summary.stats.processed as usize, n);
+            assert_eq!(summary.stats.counts.processed as usize, n);
             let mut worst = 0f32;
             for e in &events {
                 let last = sampled.iter().position(|(i, _)| *i == e.frame).unwrap();
@@ -399,8 +398,8 @@ mod tests {
             assert!(worst < 1e-4, "W {window} H {hop}: logits differ by {worst}");
             // Steps: each sampled frame once per chain covering it.
             let chains = window.div_ceil(hop);
-            assert!(summary.stats.steps as usize <= n * chains);
-            assert!(summary.stats.steps as usize >= full.len() * window);
+            assert!(summary.stats.counts.steps as usize <= n * chains);
+            assert!(summary.stats.counts.steps as usize >= full.len() * window);
         }
     }
 
@@ -427,7 +426,7 @@ mod tests {
         cfg.windowing.continuous = true;
         let source = Box::new(SynthSource::new(synth(64, 100)).unwrap());
         let (events, summary) = collect(&package, &mut model, source, &cfg);
-        assert_eq!(summary.stats.steps, 50);
+        assert_eq!(summary.stats.counts.steps, 50);
         let full: Vec<&Event> = events.iter().filter(|e| !e.partial).collect();
         assert_eq!(full.len(), (50 - 16) / 8 + 1);
         assert!(full.iter().all(|e| e.frames == 16));
@@ -451,9 +450,9 @@ mod tests {
         cfg.stride = 1;
         let source = Box::new(FolderSource::open(dir.path(), None).unwrap());
         let (events, summary) = collect(&package, &mut model, source, &cfg);
-        assert_eq!(summary.stats.corrupt, 2);
-        assert_eq!(summary.stats.frames, 38);
-        assert_eq!(summary.stats.processed, 38);
+        assert_eq!(summary.stats.counts.corrupt, 2);
+        assert_eq!(summary.stats.counts.frames, 38);
+        assert_eq!(summary.stats.counts.processed, 38);
         assert_eq!(events.iter().filter(|e| !e.partial).count(), 2);
     }
 
@@ -479,7 +478,7 @@ mod tests {
         let source = Box::new(SynthSource::new(endless).unwrap());
         let summary = run(&package, &mut model, source, &cfg, &mut sink, stop).unwrap();
         assert!(summary.interrupted);
-        assert!(summary.stats.predictions >= 5);
+        assert!(summary.stats.counts.predictions >= 5);
         assert!(summary.stats.frame_latency.count > 0);
     }
 
@@ -527,7 +526,7 @@ mod tests {
             Arc::new(AtomicBool::new(false)),
         )
         .unwrap();
-        let s = &summary.stats;
+        let s = &summary.stats.counts;
         assert_eq!(s.frames, 400);
         assert!(s.dropped > 0, "{s:?}");
         assert_eq!(s.processed + s.dropped, s.sampled);

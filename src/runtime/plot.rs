@@ -153,6 +153,21 @@ pub fn timeline_svg(classes: &[String], events: &[Event], title: &str) -> String
     s
 }
 
+/// Check that `path` names an SVG file (before a run, so that a long run is not wasted).
+pub fn check_path(path: &Path) -> Result<()> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+    {
+        Ok(())
+    } else {
+        Err(Error::Input(format!(
+            "--plot {}: the timeline is written as SVG; give a file ending in .svg",
+            path.display()
+        )))
+    }
+}
+
 /// Write the timeline to `path` (`.svg`) atomically.
 pub fn write_timeline(
     path: &Path,
@@ -160,15 +175,7 @@ pub fn write_timeline(
     events: &[Event],
     title: &str,
 ) -> Result<()> {
-    if !path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
-    {
-        return Err(Error::Input(format!(
-            "--plot {}: the timeline is written as SVG; give a file ending in .svg",
-            path.display()
-        )));
-    }
+    check_path(path)?;
     pe_clip_models::io::write_atomic(path, timeline_svg(classes, events, title).as_bytes())
         .map_err(|e| Error::Input(e.to_string()))
 }

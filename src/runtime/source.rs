@@ -27,6 +27,18 @@ pub struct Frame {
     pub truth: Option<usize>,
 }
 
+impl Frame {
+    /// Frame `index` of a source running at `fps`, with no known class.
+    fn at(index: u64, fps: f64, image: RgbImage) -> Self {
+        Self {
+            index,
+            t_ms: index as f64 * 1000.0 / fps,
+            image,
+            truth: None,
+        }
+    }
+}
+
 /// What a source yields.
 #[derive(Debug, Clone)]
 pub enum Item {
@@ -92,12 +104,7 @@ impl FrameSource for Y4mSource {
         let index = self.index;
         self.index += 1;
         Ok(self.stream.next_frame().map(|r| match r {
-            Ok(image) => Item::Frame(Frame {
-                index,
-                t_ms: index as f64 * 1000.0 / self.fps,
-                image,
-                truth: None,
-            }),
+            Ok(image) => Item::Frame(Frame::at(index, self.fps, image)),
             Err(s) => Item::Corrupt {
                 index,
                 frame: s.frame,
@@ -157,12 +164,7 @@ impl FrameSource for FolderSource {
         let index = self.index as u64;
         self.index += 1;
         Ok(Some(match decode_frame_file(path) {
-            Ok(image) => Item::Frame(Frame {
-                index,
-                t_ms: index as f64 * 1000.0 / self.fps,
-                image,
-                truth: None,
-            }),
+            Ok(image) => Item::Frame(Frame::at(index, self.fps, image)),
             Err(reason) => Item::Corrupt {
                 index,
                 frame: path.display().to_string(),

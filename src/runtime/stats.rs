@@ -97,9 +97,9 @@ pub struct LatencySummary {
     pub max_ms: f64,
 }
 
-/// Counters and latencies of a run (or of one `--stats` interval).
-#[derive(Debug, Clone, Default)]
-pub struct RunStats {
+/// Frame and prediction counts of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
     /// Frames read from the source (good ones).
     pub frames: u64,
     /// Frames chosen by the stride.
@@ -114,6 +114,12 @@ pub struct RunStats {
     pub predictions: u64,
     /// Model steps (all chains).
     pub steps: u64,
+}
+
+/// Counters and latencies of a run (or of one `--stats` interval).
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    pub counts: Counts,
     /// Per processed frame: preprocessing (in the reader) + all model steps + head.
     pub frame_latency: LatencyHistogram,
     /// Per prediction: from the frame's arrival to the event being written.
@@ -124,13 +130,8 @@ pub struct RunStats {
 #[derive(Debug, Clone, Serialize)]
 pub struct StatsReport {
     pub elapsed_s: f64,
-    pub frames: u64,
-    pub sampled: u64,
-    pub processed: u64,
-    pub dropped: u64,
-    pub corrupt: u64,
-    pub predictions: u64,
-    pub steps: u64,
+    #[serde(flatten)]
+    pub counts: Counts,
     /// Source frames per second of wall time.
     pub frames_per_s: f64,
     /// Model-processed frames per second of wall time.
@@ -152,15 +153,9 @@ impl RunStats {
         };
         StatsReport {
             elapsed_s,
-            frames: self.frames,
-            sampled: self.sampled,
-            processed: self.processed,
-            dropped: self.dropped,
-            corrupt: self.corrupt,
-            predictions: self.predictions,
-            steps: self.steps,
-            frames_per_s: per_s(self.frames),
-            processed_per_s: per_s(self.processed),
+            counts: self.counts,
+            frames_per_s: per_s(self.counts.frames),
+            processed_per_s: per_s(self.counts.processed),
             frame_latency: self.frame_latency.summary(),
             event_latency: self.event_latency.summary(),
             rss_mb: rss_mb(),
@@ -175,13 +170,13 @@ impl StatsReport {
             "{:.1} s: {} frames ({:.1}/s), {} processed ({:.1}/s), {} dropped, {} corrupt, \
              {} predictions; step p50 {:.2} ms p95 {:.2} ms p99 {:.2} ms{}",
             self.elapsed_s,
-            self.frames,
+            self.counts.frames,
             self.frames_per_s,
-            self.processed,
+            self.counts.processed,
             self.processed_per_s,
-            self.dropped,
-            self.corrupt,
-            self.predictions,
+            self.counts.dropped,
+            self.counts.corrupt,
+            self.counts.predictions,
             self.frame_latency.p50_ms,
             self.frame_latency.p95_ms,
             self.frame_latency.p99_ms,
