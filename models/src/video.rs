@@ -275,32 +275,39 @@ fn yuv_to_rgb(raw: &[u8], l: YuvLayout) -> RgbImage {
     let mut out = RgbImage::new(w as u32, h as u32);
     for y in 0..h {
         for x in 0..w {
-            let luma = f32::from(yp[y * w + x]);
             let (cb, cr) = match l.chroma_shift {
                 Some((sx, sy)) => {
                     let cw = w.div_ceil(1 << sx);
                     let i = (y >> sy) * cw + (x >> sx);
-                    (f32::from(up[i]) - 128.0, f32::from(vp[i]) - 128.0)
+                    (up[i], vp[i])
                 }
-                None => (0.0, 0.0),
+                None => (128, 128),
             };
-            // BT.601; limited range unless the stream says XCOLORRANGE=FULL.
-            let (yy, k) = if l.full_range {
-                (luma, 1.0)
-            } else {
-                (1.164_383_6 * (luma - 16.0), 1.138_393)
-            };
-            let r = yy + k * 1.402 * cr;
-            let g = yy - k * (0.344_136 * cb + 0.714_136 * cr);
-            let b = yy + k * 1.772 * cb;
+            // Limited range unless the stream says XCOLORRANGE=FULL.
             out.put_pixel(
                 x as u32,
                 y as u32,
-                image::Rgb([to_u8(r), to_u8(g), to_u8(b)]),
+                image::Rgb(ycbcr_to_rgb(yp[y * w + x], cb, cr, l.full_range)),
             );
         }
     }
     out
+}
+
+/// One BT.601 Y'CbCr sample as RGB: limited range (Y 16..235) unless `full_range`. Shared by the
+/// y4m reader and the camera's YUYV frames.
+pub fn ycbcr_to_rgb(y: u8, cb: u8, cr: u8, full_range: bool) -> [u8; 3] {
+    let luma = f32::from(y);
+    let (cb, cr) = (f32::from(cb) - 128.0, f32::from(cr) - 128.0);
+    let (yy, k) = if full_range {
+        (luma, 1.0)
+    } else {
+        (1.164_383_6 * (luma - 16.0), 1.138_393)
+    };
+    let r = yy + k * 1.402 * cr;
+    let g = yy - k * (0.344_136 * cb + 0.714_136 * cr);
+    let b = yy + k * 1.772 * cb;
+    [to_u8(r), to_u8(g), to_u8(b)]
 }
 
 fn to_u8(v: f32) -> u8 {

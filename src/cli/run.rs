@@ -89,6 +89,16 @@ pub struct Args {
     infrared: bool,
     #[arg(long)]
     realtime: bool,
+    /// Camera: requested size, frame rate and pixel format (auto: MJPEG if offered, else YUYV),
+    /// and how long to keep reopening a camera that disappeared before giving up.
+    #[arg(long, value_name = "WxH", default_value = "640x480")]
+    camera_size: String,
+    #[arg(long, value_name = "FPS", default_value_t = 30)]
+    camera_fps: u32,
+    #[arg(long, value_name = "FORMAT", default_value = "auto")]
+    camera_format: String,
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    camera_retry_secs: f64,
     /// Threads for tract's matmuls (the frame reader has its own thread).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -117,21 +127,51 @@ fn open_source(
         })?),
         SourceSpec::Y4m(p) => Box::new(Y4mSource::open(p, args.source_fps)?),
         SourceSpec::Folder(p) => Box::new(FolderSource::open(p, args.source_fps)?),
-        SourceSpec::Camera(p) => camera_source(p)?,
+        SourceSpec::Camera(p) => camera_source(p, args)?,
     })
 }
 
-fn camera_source(p: &Path) -> anyhow::Result<Box<dyn FrameSource>> {
+#[cfg(not(feature = "camera"))]
+fn camera_source(p: &Path, _args: &Args) -> anyhow::Result<Box<dyn FrameSource>> {
     anyhow::bail!(
-        "{}: V4L2 camera capture is not part of this build yet; give a .y4m file, a frame \
-         folder or `synth` as --source",
+        "{}: this pe-clip was built without the `camera` feature (V4L2 capture); rebuild with \
+         `--features camera`, or give a .y4m file, a frame folder or `synth` as --source",
         p.display()
     )
 }
 
-/// Whether a camera is present (for the default source); never while capture is not built in.
+#[cfg(feature = "camera")]
+fn camera_source(p: &Path, args: &Args) -> anyhow::Result<Box<dyn FrameSource>> {
+    use crate::runtime::camera::v4l2::{CameraOptions, V4l2Camera};
+    use crate::runtime::camera::{Backoff, CameraSource, PixelFormat};
+    let (width, height) = args
+        .camera_size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        .with_context(|| format!("--camera-size {}: expected WxH", args.camera_size))?;
+    let format = match args.camera_format.as_str() {
+        "auto" => None,
+        "mjpeg" => Some(PixelFormat::Mjpeg),
+        "yuyv" => Some(PixelFormat::Yuyv),
+        other => anyhow::bail!("--camera-format {other}: expected auto, mjpeg or yuyv"),
+    };
+    let want = CameraOptions {
+        width,
+        height,
+        fps: args.camera_fps,
+        format,
+    };
+    let backoff = Backoff {
+        give_up: Duration::from_secs_f64(args.camera_retry_secs.max(0.0)),
+        ..Default::default()
+    };
+    let cam = V4l2Camera::new(p.to_path_buf(), want);
+    Ok(Box::new(CameraSource::open(cam, backoff)?))
+}
+
+/// Whether a camera is present (for the default source).
 fn camera_present() -> bool {
-    false
+    cfg!(feature = "camera") && Path::new("/dev/video0").exists()
 }
 
 /// One-letter symbols for the timeline, unique per class.

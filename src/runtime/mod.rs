@@ -7,6 +7,7 @@
 //! emits events. A live source (camera) never waits for the model: when the queue is full the
 //! sampled frame is dropped and counted. File sources wait, so every frame is used.
 
+pub mod camera;
 pub mod events;
 pub mod plot;
 pub mod roi;

@@ -363,6 +363,37 @@ mod tests {
         assert_eq!((t.detections, t.found), (6, 2));
     }
 
+    /// The real detector finds a synthetic face placed off-centre in a larger frame, and the held
+    /// box is centred on it (not the centre-square fallback).
+    #[test]
+    fn auto_region_follows_a_synthetic_face() {
+        use pe_clip_models::rng::SeededRng;
+        use pe_clip_models::synth::{ClipSpec, Identity, SynthOptions};
+        let mut rng = SeededRng::new(4);
+        let spec = ClipSpec::random(
+            Identity::random(&mut rng),
+            2,
+            &SynthOptions::default(),
+            &mut rng,
+        );
+        let mut t = RoiTracker::new(RoiPolicy::Auto, AutoRoiOptions::default()).unwrap();
+        let (fx, fy, side) = (300u32, 60u32, 192u32);
+        let mut last = None;
+        for i in 0..20 {
+            let mut frame = RgbImage::from_pixel(640, 360, image::Rgb([90, 90, 90]));
+            image::imageops::overlay(&mut frame, &spec.render(i, side), fx as i64, fy as i64);
+            last = Some(t.region(&frame));
+        }
+        let r = last.unwrap();
+        assert!(t.found >= 1, "no face found in {} detections", t.detections);
+        let (cx, cy) = (r.x + r.w / 2.0, r.y + r.h / 2.0);
+        let (want_x, want_y) = ((fx + side / 2) as f32, (fy + side / 2) as f32);
+        assert!(
+            (cx - want_x).abs() < 40.0 && (cy - want_y).abs() < 40.0,
+            "box {r:?} centre ({cx}, {cy}), face at ({want_x}, {want_y})"
+        );
+    }
+
     #[test]
     fn embedded_face_model_loads_and_finds_nothing_in_a_blank_frame() {
         let mut d = SeetaDetector::new(40, 5.0).unwrap();
