@@ -869,6 +869,20 @@ fn run_faults_are_clean_errors() {
     for f in ["manifest.json", "model.onnx"] {
         std::fs::copy(demo.join(f), pkg.join(f)).unwrap();
     }
+    // A manifest that does not describe its model (here: another input size).
+    let manifest = std::fs::read_to_string(pkg.join("manifest.json")).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    m["preprocess"]["image_size"] = 32.into();
+    std::fs::write(pkg.join("manifest.json"), m.to_string()).unwrap();
+    let o = run(&["run", "--package", s(&pkg), "--source", "synth"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("model.onnx")
+            && err.contains("does not match the manifest: input 64 px, manifest 32 px"),
+        "{err}"
+    );
+    std::fs::write(pkg.join("manifest.json"), manifest).unwrap();
     let mut model = std::fs::read(pkg.join("model.onnx")).unwrap();
     let mid = model.len() / 2;
     model[mid] ^= 0x40;
