@@ -935,3 +935,24 @@ fn sigint_flushes_and_exits_zero() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stderr(&o).contains("interrupted:"), "{}", stderr(&o));
 }
+
+/// A serial link that is not there is retried in the background and never stops the loop.
+#[test]
+fn a_missing_link_port_is_not_fatal() {
+    let o = run(&[
+        "run",
+        "--source",
+        "synth",
+        "--frames",
+        "200",
+        "--link",
+        "/dev/ttyNOPE",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("/dev/ttyNOPE") && err.contains("0 connections"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).lines().count() > 3);
+}

@@ -11,6 +11,7 @@ use anyhow::Context;
 
 use crate::package::Package;
 use crate::runtime::events::{Event, JsonLines};
+use crate::runtime::link::{expression, serial_opener, Link, LinkOptions};
 use crate::runtime::roi::RoiPolicy;
 use crate::runtime::smooth::Smoothing;
 use crate::runtime::source::{
@@ -99,6 +100,13 @@ pub struct Args {
     camera_format: String,
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     camera_retry_secs: f64,
+    /// Send expression events and heartbeats to the alert controller on this serial port
+    /// (protocol: firmware/PROTOCOL.md). A port that is missing or fails is retried in the
+    /// background; it never stops the loop.
+    #[arg(long, value_name = "/dev/ttyXXX")]
+    link: Option<String>,
+    #[arg(long, default_value_t = 115_200)]
+    baud: u32,
     /// Threads for tract's matmuls (the frame reader has its own thread).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -246,6 +254,9 @@ struct CliSink {
     keep: bool,
     events: Vec<Event>,
     stats: bool,
+    /// `--link`: the alert controller's serial line, and the class names to index events.
+    link: Option<Link>,
+    classes: Vec<String>,
 }
 
 impl Sink for CliSink {
@@ -268,6 +279,11 @@ impl Sink for CliSink {
                 if e.partial { "   [partial window]" } else { "" }
             );
             self.last_label = Some(e.label.clone());
+        }
+        if let (Some(link), false) = (self.link.as_mut(), e.partial) {
+            if let Some(class) = self.classes.iter().position(|c| *c == e.label) {
+                link.send(expression(class, e.confidence, e.t_ms));
+            }
         }
         if self.keep {
             self.events.push(e.clone());
@@ -357,6 +373,15 @@ fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
         keep: demo || args.plot.is_some(),
         events: Vec::new(),
         stats: args.stats,
+        link: match &args.link {
+            Some(path) => Some(Link::start(
+                path,
+                serial_opener(path.clone(), args.baud),
+                LinkOptions::default(),
+            )?),
+            None => None,
+        },
+        classes: package.class_names(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -380,6 +405,20 @@ fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
         );
     }
     let summary = runtime::run(&package, &mut model, source, &cfg, &mut sink, stop)?;
+    if let Some(link) = sink.link.take() {
+        let s = link.finish();
+        eprintln!(
+            "link {}: {} frames ({} expressions, {} heartbeats), {} events not sent, {} \
+             connections, {} write errors",
+            args.link.as_deref().unwrap_or_default(),
+            s.frames,
+            s.expressions,
+            s.heartbeats,
+            s.dropped,
+            s.connects,
+            s.write_errors
+        );
+    }
     finish(&args, &package, &sink, &summary, demo)?;
     Ok(super::EXIT_OK)
 }

@@ -9,6 +9,7 @@
 
 pub mod camera;
 pub mod events;
+pub mod link;
 pub mod plot;
 pub mod roi;
 pub mod smooth;
