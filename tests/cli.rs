@@ -902,6 +902,9 @@ fn run_faults_are_clean_errors() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains(".svg"), "{}", stderr(&o));
+    let o = run(&["run", "--source", "synth", "--gpio", "/dev/no-gpiochip:3"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("/dev/no-gpiochip:3"), "{}", stderr(&o));
 }
 
 /// Ctrl-C (SIGINT) flushes the events and statistics and exits 0.

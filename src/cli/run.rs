@@ -11,6 +11,7 @@ use anyhow::Context;
 
 use crate::package::Package;
 use crate::runtime::events::{Event, JsonLines};
+use crate::runtime::gpio::{output_pin, GpioLine, LocalAlert, NoBuzzer, PinDuty};
 use crate::runtime::link::{expression, serial_opener, Link, LinkOptions};
 use crate::runtime::roi::RoiPolicy;
 use crate::runtime::smooth::Smoothing;
@@ -107,6 +108,12 @@ pub struct Args {
     link: Option<String>,
     #[arg(long, default_value_t = 115_200)]
     baud: u32,
+    /// Run the alert controller in-process with its LED on this GPIO line
+    /// (/dev/gpiochipN:LINE), and optionally a buzzer or motor (on/off) on another.
+    #[arg(long, value_name = "CHIP:LINE")]
+    gpio: Option<String>,
+    #[arg(long, value_name = "CHIP:LINE", requires = "gpio")]
+    gpio_buzzer: Option<String>,
     /// Threads for tract's matmuls (the frame reader has its own thread).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -256,6 +263,8 @@ struct CliSink {
     stats: bool,
     /// `--link`: the alert controller's serial line, and the class names to index events.
     link: Option<Link>,
+    /// `--gpio`: the alert controller in-process on the board's GPIO.
+    alert: Option<LocalAlert>,
     classes: Vec<String>,
 }
 
@@ -280,9 +289,13 @@ impl Sink for CliSink {
             );
             self.last_label = Some(e.label.clone());
         }
-        if let (Some(link), false) = (self.link.as_mut(), e.partial) {
-            if let Some(class) = self.classes.iter().position(|c| *c == e.label) {
-                link.send(expression(class, e.confidence, e.t_ms));
+        if let (false, Some(class)) = (e.partial, self.classes.iter().position(|c| *c == e.label)) {
+            let msg = expression(class, e.confidence, e.t_ms);
+            if let Some(link) = self.link.as_mut() {
+                link.send(msg);
+            }
+            if let Some(alert) = &self.alert {
+                alert.send(msg);
             }
         }
         if self.keep {
@@ -381,6 +394,20 @@ fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
             )?),
             None => None,
         },
+        alert: match &args.gpio {
+            Some(led) => {
+                let led = output_pin(&led.parse::<GpioLine>()?)?;
+                let config = LinkOptions::default().config;
+                Some(match &args.gpio_buzzer {
+                    Some(b) => {
+                        let buzzer = PinDuty(output_pin(&b.parse::<GpioLine>()?)?);
+                        LocalAlert::start(led, buzzer, config)?
+                    }
+                    None => LocalAlert::start(led, NoBuzzer, config)?,
+                })
+            }
+            None => None,
+        },
         classes: package.class_names(),
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -418,6 +445,12 @@ fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
             s.connects,
             s.write_errors
         );
+    }
+    if let Some(alert) = sink.alert.take() {
+        let errors = alert.finish();
+        if errors > 0 {
+            eprintln!("alert GPIO: {errors} output writes failed");
+        }
     }
     finish(&args, &package, &sink, &summary, demo)?;
     Ok(super::EXIT_OK)

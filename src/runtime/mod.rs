@@ -9,6 +9,7 @@
 
 pub mod camera;
 pub mod events;
+pub mod gpio;
 pub mod link;
 pub mod plot;
 pub mod roi;
