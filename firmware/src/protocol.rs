@@ -127,6 +127,14 @@ pub fn encode(msg: &Message, out: &mut [u8]) -> Result<usize, EncodeError> {
     Ok(written + 1)
 }
 
+/// [`encode`] preceded by a delimiter, as senders write frames: line noise before the frame then
+/// spoils nothing but itself. `out` needs [`MAX_FRAME`] + 1 bytes at most.
+pub fn encode_delimited(msg: &Message, out: &mut [u8]) -> Result<usize, EncodeError> {
+    let (first, rest) = out.split_first_mut().ok_or(EncodeError::BufferTooSmall)?;
+    *first = 0;
+    Ok(1 + encode(msg, rest)?)
+}
+
 /// Decode one frame's bytes (without the delimiter). Never panics.
 pub fn decode_frame(frame: &[u8]) -> Result<Message, DecodeError> {
     if frame.len() > MAX_FRAME - 1 {
@@ -278,6 +286,14 @@ mod tests {
         let mut tiny = [0u8; 4];
         assert_eq!(
             encode(&samples()[5], &mut tiny),
+            Err(EncodeError::BufferTooSmall)
+        );
+        let mut out = [0u8; MAX_FRAME + 1];
+        let n = encode_delimited(&samples()[2], &mut out).unwrap();
+        assert_eq!(out[0], 0);
+        assert_eq!(&out[1..n], frame(&samples()[2]).as_slice());
+        assert_eq!(
+            encode_delimited(&samples()[2], &mut []),
             Err(EncodeError::BufferTooSmall)
         );
     }

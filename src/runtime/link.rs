@@ -85,10 +85,9 @@ impl Port {
         let Some(out) = self.out.as_mut() else {
             return false;
         };
-        // A delimiter first: noise on the line before this frame then spoils nothing but itself.
         let mut buf = [0u8; MAX_FRAME + 1];
-        let n = match protocol::encode(msg, &mut buf[1..]) {
-            Ok(n) => n + 1,
+        let n = match protocol::encode_delimited(msg, &mut buf) {
+            Ok(n) => n,
             Err(e) => {
                 log::error!("link {}: cannot encode {msg:?}: {e:?}", self.name);
                 return false;
@@ -436,15 +435,14 @@ mod end_to_end {
         let (mut modes, mut accepted, mut rejected) = (Vec::new(), 0, 0);
         let mut rng = 0x2545_f491_u64;
         for (i, (t, msg)) in msgs.iter().enumerate() {
-            let mut buf = [0u8; MAX_FRAME];
-            let n = protocol::encode(msg, &mut buf).unwrap();
-            let mut bytes = vec![0u8]; // as the link writes: a delimiter, then the frame
-            bytes.extend_from_slice(&buf[..n]);
+            let mut buf = [0u8; MAX_FRAME + 1];
+            let n = protocol::encode_delimited(msg, &mut buf).unwrap();
+            let mut bytes = buf[..n].to_vec();
             if corrupt_every > 0 && i % corrupt_every == corrupt_every - 1 {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
-                let k = (rng as usize) % (n - 1);
+                let k = 1 + (rng as usize) % (n - 2); // inside the frame, not its delimiters
                 bytes[k] ^= 1 << (rng % 8);
                 // And some line noise before the next frame.
                 bytes.extend_from_slice(&[0x55, 0xaa, (rng >> 8) as u8]);

@@ -55,8 +55,8 @@ fn main() -> ! {
         }
         if let Ok(Some(report)) = controller.tick(now) {
             let mut buf = [0u8; MAX_FRAME + 1];
-            if let Ok(n) = protocol::encode(&report, &mut buf[1..]) {
-                for b in &buf[..n + 1] {
+            if let Ok(n) = protocol::encode_delimited(&report, &mut buf) {
+                for b in &buf[..n] {
                     let _ = nb::block!(tx.write(*b));
                 }
             }
