@@ -64,6 +64,9 @@ pub struct Args {
     /// Write events (JSON lines) to FILE instead of stdout.
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
+    /// Append to the events file instead of replacing it (a service that restarts).
+    #[arg(long, requires = "events")]
+    append_events: bool,
     /// Write a timeline of class probabilities (SVG).
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
@@ -372,8 +375,13 @@ fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
     }
     let json: Option<JsonLines<Box<dyn Write>>> = match (&args.events, demo) {
         (Some(path), _) => {
-            let f = std::fs::File::create(path)
-                .with_context(|| format!("cannot create the events file {}", path.display()))?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(args.append_events)
+                .truncate(!args.append_events)
+                .open(path)
+                .with_context(|| format!("cannot open the events file {}", path.display()))?;
             Some(JsonLines::new(Box::new(std::io::BufWriter::new(f))))
         }
         (None, false) => Some(JsonLines::new(Box::new(std::io::stdout()))),
