@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the shipped demo package `models/demo/` from nothing (no CLIP weights, no dataset):
 # synthetic face clips, a CLIP stand-in pre-trained on synthetic frames, PE-CLIP adapted on top,
-# exported int8 with calibration on the training clips and checked on the held-out clips.
+# exported int8 with calibration on the training clips and checked on the held-out clips, plus the
+# neutral reference driver profiles are measured from.
 # About 1.5 hours on an idle 2-core CPU (most of it pre-training). Usage: bash scripts/make-demo-package.sh [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,4 +26,7 @@ $pe eval --checkpoint "$work/run" --data "$work/data" --split test --json > "$wo
 # the package: int8, calibrated on 64 training clips, checked against f32 on all 350 held-out clips
 $pe export --int8 "$work/run" -o models/demo --calib "$work/data" --calib-clips 64 \
   --check "$work/data" --check-clips 350 --json > "$work/export.json"
+# the population's resting face for driver profiles: all 100 neutral training clips
+$pe calibrate --package models/demo --reference "$work/data"
+rm -rf models/demo/previous
 cat "$work/eval.json" "$work/export.json"

@@ -223,6 +223,58 @@ fn clip_list_sha(clips: &[LabelledClip]) -> String {
     sha256_hex(paths.join("\n").as_bytes())
 }
 
+/// The population's neutral reference for driver profiles: the exported model's mean per-frame
+/// feature over the calibration clips labelled neutral (the held-out check clips when there are
+/// none). `None` without such clips or without a class named neutral.
+fn neutral_reference(
+    graph: &Graph,
+    model: &PeClip,
+    opts: &ExportOptions,
+    image_size: usize,
+) -> Result<Option<crate::package::NeutralReference>> {
+    use crate::calibration::{LoadedClip, LocalClip, NEUTRAL};
+    let Some(neutral) = model.classes.classes.iter().position(|c| c.name == NEUTRAL) else {
+        return Ok(None);
+    };
+    let calib: &[LabelledClip] = opts.int8.as_ref().map_or(&[], |q| &q.calib);
+    let pick = |clips: &[LabelledClip]| -> Vec<PathBuf> {
+        clips
+            .iter()
+            .filter(|c| c.label == Some(neutral))
+            .map(|c| c.path.clone())
+            .collect()
+    };
+    let (paths, source) = match pick(calib) {
+        p if !p.is_empty() => (p, opts.int8.as_ref().map(|q| q.calib_source.clone())),
+        _ => (pick(&opts.check), Some(opts.check_source.clone())),
+    };
+    let mut loaded = Vec::new();
+    for path in paths {
+        match clip_frames(&path, opts.window, image_size) {
+            Ok(frames) if !frames.is_empty() => loaded.push(LoadedClip {
+                clip: LocalClip {
+                    path,
+                    label: Some(neutral),
+                },
+                frames,
+            }),
+            Ok(_) => {}
+            Err(e) => log::warn!("neutral reference: skipping {e}"),
+        }
+    }
+    if loaded.is_empty() {
+        return Ok(None);
+    }
+    let mut step = load_step(graph, "neutral reference")?;
+    let (feature, frames) = crate::calibration::neutral_mean(&mut step, &loaded)?;
+    Ok(Some(crate::package::NeutralReference {
+        feature,
+        source: format!("{} (clips labelled {NEUTRAL})", source.unwrap_or_default()),
+        clips: loaded.len(),
+        frames,
+    }))
+}
+
 /// Export `model` (preprocessed as `preprocess`) to a package at `out`.
 pub fn export(
     model: &PeClip,
@@ -367,6 +419,7 @@ pub fn export(
                     clip_list_sha256: clip_list_sha(&q.calib),
                 },
                 fidelity: fid,
+                recalibration: None,
             };
             (gq, Some(quant))
         }
@@ -378,6 +431,7 @@ pub fn export(
             folded: matmuls_in_scope(&graph, &format!("block{i}")),
         })
         .collect();
+    let neutral_reference = neutral_reference(&graph, model, opts, s)?;
     let precision = if quantization.is_some() {
         "int8"
     } else {
@@ -446,6 +500,7 @@ pub fn export(
         state,
         quantization: quantization.clone(),
         provenance,
+        neutral_reference,
         checksums: Vec::new(),
     };
     write_package(out, manifest, &[(MODEL_FILE, &onnx)])?;

@@ -5,6 +5,7 @@
 //! `pe-clip-models`.
 #![forbid(unsafe_code)]
 
+pub mod calibration;
 pub mod cli;
 pub mod engine;
 pub mod error;

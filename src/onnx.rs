@@ -3,7 +3,7 @@
 
 use pe_clip_calibrate::graph::{Attr, Graph, Io};
 use prost::Message;
-use tract_onnx::pb;
+pub use tract_onnx::pb;
 
 /// The operator set the step models use (`LayerNormalization` needs 17).
 pub const OPSET: i64 = 17;
@@ -110,4 +110,293 @@ pub fn to_model_proto(g: &Graph, metadata: &[(&str, String)]) -> pb::ModelProto 
 /// The graph as ONNX bytes.
 pub fn to_bytes(g: &Graph, metadata: &[(&str, String)]) -> Vec<u8> {
     to_model_proto(g, metadata).encode_to_vec()
+}
+
+/// Parse ONNX bytes (`context` names them in errors).
+pub fn decode(bytes: &[u8], context: &str) -> crate::error::Result<pb::ModelProto> {
+    pb::ModelProto::decode(bytes)
+        .map_err(|e| crate::error::Error::engine(context, format!("not an ONNX model: {e}")))
+}
+
+const FLOAT: i32 = 1;
+const INT8: i32 = 3;
+const INT32: i32 = 6;
+
+fn graph_of(m: &pb::ModelProto) -> Result<&pb::GraphProto, String> {
+    m.graph
+        .as_ref()
+        .ok_or_else(|| "the model has no graph".to_string())
+}
+
+fn initializer<'a>(g: &'a pb::GraphProto, name: &str) -> Option<&'a pb::TensorProto> {
+    g.initializer.iter().find(|t| t.name == name)
+}
+
+/// The 4-byte little-endian words of a tensor's raw data.
+fn words(t: &pb::TensorProto) -> Result<Vec<[u8; 4]>, String> {
+    if !t.raw_data.len().is_multiple_of(4) {
+        return Err(format!(
+            "{}: raw data of {} bytes",
+            t.name,
+            t.raw_data.len()
+        ));
+    }
+    Ok(t.raw_data
+        .chunks_exact(4)
+        .map(|b| [b[0], b[1], b[2], b[3]])
+        .collect())
+}
+
+fn f32s(t: &pb::TensorProto) -> Result<Vec<f32>, String> {
+    if t.data_type != FLOAT {
+        return Err(format!("{} is not f32", t.name));
+    }
+    if t.raw_data.is_empty() {
+        return Ok(t.float_data.clone());
+    }
+    Ok(words(t)?.into_iter().map(f32::from_le_bytes).collect())
+}
+
+fn i32s(t: &pb::TensorProto) -> Result<Vec<i32>, String> {
+    if t.data_type != INT32 {
+        return Err(format!("{} is not i32", t.name));
+    }
+    if t.raw_data.is_empty() {
+        return Ok(t.int32_data.clone());
+    }
+    Ok(words(t)?.into_iter().map(i32::from_le_bytes).collect())
+}
+
+fn i8s(t: &pb::TensorProto) -> Result<Vec<i8>, String> {
+    if t.data_type != INT8 {
+        return Err(format!("{} is not i8", t.name));
+    }
+    if !t.raw_data.is_empty() {
+        Ok(t.raw_data.iter().map(|&b| b as i8).collect())
+    } else {
+        Ok(t.int32_data.iter().map(|&v| v as i8).collect())
+    }
+}
+
+fn f32_tensor(name: &str, dims: Vec<i64>, values: &[f32]) -> pb::TensorProto {
+    pb::TensorProto {
+        dims,
+        data_type: FLOAT,
+        name: name.to_string(),
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+/// One int8 linear layer of a step model, as `pe_clip_calibrate::graph::quantize` writes it:
+/// `QuantizeLinear(input, {name}.x_scale) → MatMulInteger({name}.weight_q) → [Add({name}.bias_q)]
+/// → Cast → Mul({name}.rescale)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantSite {
+    pub name: String,
+    /// The f32 value the layer quantizes (what calibration observes).
+    pub input: String,
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub scales: pe_clip_calibrate::requant::SiteScales,
+}
+
+/// The int8 linear layers of a model, in graph order. A `QuantizeLinear` whose constants are not
+/// where `quantize` puts them is an error naming it.
+pub fn quant_sites(m: &pb::ModelProto) -> Result<Vec<QuantSite>, String> {
+    use pe_clip_calibrate::requant::SiteScales;
+    let g = graph_of(m)?;
+    let mut out = Vec::new();
+    for node in g.node.iter().filter(|n| n.op_type == "QuantizeLinear") {
+        let scale_name = node.input.get(1).cloned().unwrap_or_default();
+        let Some(name) = scale_name.strip_suffix(".x_scale") else {
+            return Err(format!(
+                "QuantizeLinear {:?} does not read a `.x_scale` constant (not written by pe-clip)",
+                node.name
+            ));
+        };
+        let need = |suffix: &str| {
+            initializer(g, &format!("{name}{suffix}"))
+                .ok_or_else(|| format!("int8 layer {name}: no constant {name}{suffix}"))
+        };
+        let x_scale = f32s(need(".x_scale")?)?;
+        let rescale = f32s(need(".rescale")?)?;
+        let weight = need(".weight_q")?;
+        let [in_dim, out_dim] = weight.dims[..] else {
+            return Err(format!("int8 layer {name}: weight is not 2-D"));
+        };
+        let bias_q = match initializer(g, &format!("{name}.bias_q")) {
+            Some(t) => Some(i32s(t)?),
+            None => None,
+        };
+        let scales = SiteScales {
+            x_scale: x_scale.first().copied().unwrap_or(0.0),
+            rescale,
+            bias_q,
+        };
+        if x_scale.len() != 1 || !scales.is_valid() {
+            return Err(format!("int8 layer {name}: invalid scales {scales:?}"));
+        }
+        out.push(QuantSite {
+            name: name.to_string(),
+            input: node.input.first().cloned().unwrap_or_default(),
+            in_dim: in_dim.max(0) as usize,
+            out_dim: out_dim.max(0) as usize,
+            scales,
+        });
+    }
+    Ok(out)
+}
+
+/// Replace the activation-dependent constants of int8 layer `name`.
+pub fn set_site_scales(
+    m: &mut pb::ModelProto,
+    name: &str,
+    s: &pe_clip_calibrate::requant::SiteScales,
+) -> Result<(), String> {
+    let g = m
+        .graph
+        .as_mut()
+        .ok_or_else(|| "the model has no graph".to_string())?;
+    let mut set = |suffix: &str, data: Vec<u8>, len: usize| -> Result<(), String> {
+        let full = format!("{name}{suffix}");
+        let t = g
+            .initializer
+            .iter_mut()
+            .find(|t| t.name == full)
+            .ok_or_else(|| format!("no constant {full}"))?;
+        let elems: i64 = t.dims.iter().product();
+        if elems as usize != len {
+            return Err(format!("{full}: {len} values for a tensor of {elems}"));
+        }
+        t.raw_data = data;
+        t.float_data.clear();
+        t.int32_data.clear();
+        Ok(())
+    };
+    set(".x_scale", s.x_scale.to_le_bytes().to_vec(), 1)?;
+    set(
+        ".rescale",
+        s.rescale.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        s.rescale.len(),
+    )?;
+    if let Some(b) = &s.bias_q {
+        set(
+            ".bias_q",
+            b.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            b.len(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Add `names` (values computed inside the graph) as extra f32 outputs.
+pub fn add_outputs(m: &mut pb::ModelProto, names: &[String]) {
+    let Some(g) = m.graph.as_mut() else {
+        return;
+    };
+    for n in names {
+        if !g.output.iter().any(|o| &o.name == n) {
+            g.output.push(value_info(&Io {
+                name: n.clone(),
+                elem: pe_clip_calibrate::graph::ElemType::F32,
+                dims: None,
+            }));
+        }
+    }
+}
+
+/// The model with every int8 layer computed in f32 from its dequantized weights
+/// (`W = W_q·s_w`, `b = b_q·r`): the int8 model without activation quantization, the reference
+/// activation ranges are judged against when the original f32 model is not at hand.
+pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, String> {
+    let sites = quant_sites(m)?;
+    let mut out = m.clone();
+    let g = out.graph.as_mut().expect("quant_sites checked the graph");
+    for site in &sites {
+        let n = &site.name;
+        let xq = format!("{n}.x_q");
+        let pos = g
+            .node
+            .iter()
+            .position(|k| k.op_type == "QuantizeLinear" && k.output.first() == Some(&xq))
+            .ok_or_else(|| format!("int8 layer {n}: no QuantizeLinear writing {xq}"))?;
+        // The chain QuantizeLinear → MatMulInteger → [Add] → Cast → Mul, each reading the last.
+        let mut chain = vec![pos];
+        let mut last = xq.clone();
+        for op in ["MatMulInteger", "Add", "Cast", "Mul"] {
+            match g
+                .node
+                .iter()
+                .position(|k| k.op_type == op && k.input.first() == Some(&last))
+            {
+                Some(i) => {
+                    last = g.node[i].output.first().cloned().unwrap_or_default();
+                    chain.push(i);
+                }
+                None if op == "Add" => {}
+                None => return Err(format!("int8 layer {n}: no {op} after {last}")),
+            }
+        }
+        let wq = i8s(initializer(g, &format!("{n}.weight_q")).expect("checked"))?;
+        let sw = site.scales.weight_scales();
+        let per_col = sw.len() > 1;
+        let w: Vec<f32> = wq
+            .iter()
+            .enumerate()
+            .map(|(k, &q)| q as f32 * sw[if per_col { k % site.out_dim } else { 0 }])
+            .collect();
+        let wname = format!("{n}.weight_deq");
+        g.initializer.push(f32_tensor(
+            &wname,
+            vec![site.in_dim as i64, site.out_dim as i64],
+            &w,
+        ));
+        let mut nodes = Vec::new();
+        match site.scales.bias() {
+            Some(b) => {
+                let bname = format!("{n}.bias_deq");
+                g.initializer
+                    .push(f32_tensor(&bname, vec![site.out_dim as i64], &b));
+                let mm = format!("{n}.mm");
+                nodes.push(pb::NodeProto {
+                    input: vec![site.input.clone(), wname],
+                    output: vec![mm.clone()],
+                    name: format!("{mm}/node"),
+                    op_type: "MatMul".into(),
+                    ..Default::default()
+                });
+                nodes.push(pb::NodeProto {
+                    input: vec![mm, bname],
+                    output: vec![last.clone()],
+                    name: format!("{n}.bias_add/node"),
+                    op_type: "Add".into(),
+                    ..Default::default()
+                });
+            }
+            None => nodes.push(pb::NodeProto {
+                input: vec![site.input.clone(), wname],
+                output: vec![last.clone()],
+                name: format!("{n}.mm/node"),
+                op_type: "MatMul".into(),
+                ..Default::default()
+            }),
+        }
+        chain.sort_unstable();
+        for &i in chain.iter().rev() {
+            g.node.remove(i);
+        }
+        let at = chain[0];
+        for (k, node) in nodes.into_iter().enumerate() {
+            g.node.insert(at + k, node);
+        }
+    }
+    // Drop the integer constants no node reads any more.
+    let used: std::collections::HashSet<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .collect();
+    g.initializer.retain(|t| used.contains(&t.name));
+    Ok(out)
 }

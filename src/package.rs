@@ -56,14 +56,7 @@ impl Head {
 
     /// Class logits of a running feature sum (the mean's direction is the sum's).
     pub fn logits_of_sum(&self, sum: &[f64]) -> Vec<f32> {
-        let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
-        self.text_features
-            .iter()
-            .map(|t| {
-                let dot: f64 = t.iter().zip(sum).map(|(a, b)| *a as f64 * b).sum();
-                (self.logit_scale as f64 * dot / norm) as f32
-            })
-            .collect()
+        pe_clip_calibrate::profile::head_logits(&self.text_features, self.logit_scale, sum)
     }
 }
 
@@ -121,6 +114,34 @@ pub struct Quantization {
     pub calibration: CalibrationSummary,
     /// int8 vs f32 on held-out clips, when measured.
     pub fidelity: Option<Fidelity>,
+    /// The last on-device re-calibration of the activation ranges (`pe-clip calibrate`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recalibration: Option<Recalibration>,
+}
+
+/// What `pe-clip calibrate` changed: new activation ranges from local clips (the weights, their
+/// scales and the SmoothQuant factors folded at export stay).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recalibration {
+    /// Where the clips came from.
+    pub source: String,
+    pub observer: String,
+    pub clips: usize,
+    pub frames: usize,
+    pub clip_list_sha256: String,
+    /// int8 layers whose input range was re-estimated.
+    pub layers: usize,
+    /// Median and extreme ratios new / old input threshold over those layers.
+    pub threshold_ratio_median: f64,
+    pub threshold_ratio_min: f64,
+    pub threshold_ratio_max: f64,
+    /// SHA-256 of the model file it replaced (kept under `previous/`).
+    pub previous_model_sha256: String,
+    /// Old and new ranges compared on held-out clips (`--check`), when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<RecalibrationCheck>,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
 }
 
 /// The calibration set.
@@ -187,7 +208,39 @@ pub struct Manifest {
     pub state: Vec<StateEntry>,
     pub quantization: Option<Quantization>,
     pub provenance: Provenance,
+    /// The population's resting face in feature space, for driver profiles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neutral_reference: Option<NeutralReference>,
     pub checksums: Vec<FileSum>,
+}
+
+/// int8 against a reference on clips: top-1 agreement and logit cosine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Agreement {
+    pub clips: usize,
+    pub top1_agreement: f64,
+    pub logit_cosine_mean: f64,
+    pub logit_cosine_min: f64,
+}
+
+/// The package before and after a re-calibration, each against the same reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecalibrationCheck {
+    pub source: String,
+    /// What the int8 models were compared with.
+    pub reference: String,
+    pub before: Agreement,
+    pub after: Agreement,
+}
+
+/// The mean per-frame feature of neutral clips of many people (zero state, the package's
+/// window), the point a driver's own resting face is measured from (see `pe_clip::calibration`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeutralReference {
+    pub feature: Vec<f32>,
+    pub source: String,
+    pub clips: usize,
+    pub frames: usize,
 }
 
 /// Hex SHA-256 of bytes.
@@ -204,10 +257,57 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Sub-directory of a package holding driver profiles (`pe-clip calibrate --driver`); carried
+/// over whenever the package is rewritten.
+pub const DRIVERS_DIR: &str = "drivers";
+/// Sub-directory of a package holding the version before the last `pe-clip calibrate`.
+pub const PREVIOUS_DIR: &str = "previous";
+
 /// Write a package directory atomically: the files go to a temporary sibling directory, which
-/// is renamed into place. An existing package at `dir` is replaced; any other non-empty
+/// is renamed into place. An existing package at `dir` is replaced; it is kept under `previous/`
+/// (one version: its own `previous/` is dropped; a damaged one is not kept) for
+/// `pe-clip calibrate --rollback`, and its driver profiles are carried over. Any other non-empty
 /// directory is refused. `manifest.checksums` is filled in here.
-pub fn write_package(dir: &Path, mut manifest: Manifest, files: &[(&str, &[u8])]) -> Result<()> {
+pub fn write_package(dir: &Path, manifest: Manifest, files: &[(&str, &[u8])]) -> Result<()> {
+    write_package_with(dir, manifest, files, false)
+}
+
+/// [`write_package`] for a change that is not a new version of the model (e.g. a new neutral
+/// reference): the existing `previous/` is carried over unchanged.
+pub fn write_package_carrying_previous(
+    dir: &Path,
+    manifest: Manifest,
+    files: &[(&str, &[u8])],
+) -> Result<()> {
+    write_package_with(dir, manifest, files, true)
+}
+
+/// The regular files directly under `dir/sub`, as (`sub/name`, bytes).
+fn files_under(dir: &Path, sub: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let d = dir.join(sub);
+    let mut out = Vec::new();
+    if !d.is_dir() {
+        return Ok(out);
+    }
+    for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
+        let e = e.map_err(|e| Error::io(&d, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !e.path().is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(e.path()).map_err(|err| Error::io(e.path(), err))?;
+        out.push((format!("{sub}/{name}"), bytes));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn write_package_with(
+    dir: &Path,
+    mut manifest: Manifest,
+    files: &[(&str, &[u8])],
+    carry_previous: bool,
+) -> Result<()> {
     if dir.exists() {
         let is_package = dir.join(MANIFEST_FILE).is_file();
         let empty = std::fs::read_dir(dir)
@@ -221,6 +321,7 @@ pub fn write_package(dir: &Path, mut manifest: Manifest, files: &[(&str, &[u8])]
             ));
         }
     }
+    let mut extra: Vec<(String, Vec<u8>)> = Vec::new();
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -234,6 +335,38 @@ pub fn write_package(dir: &Path, mut manifest: Manifest, files: &[(&str, &[u8])]
         .prefix(&format!(".{name}.tmp-"))
         .tempdir_in(&parent)
         .map_err(|e| Error::io(&parent, e))?;
+    if dir.join(MANIFEST_FILE).is_file() {
+        extra.extend(files_under(dir, DRIVERS_DIR)?);
+        if carry_previous {
+            extra.extend(files_under(dir, PREVIOUS_DIR)?);
+        } else {
+            // The current package, if it verifies, becomes `previous/`.
+            match Package::open(dir) {
+                Ok(current) => {
+                    let mpath = dir.join(MANIFEST_FILE);
+                    extra.push((
+                        format!("{PREVIOUS_DIR}/{MANIFEST_FILE}"),
+                        std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?,
+                    ));
+                    for c in &current.manifest.checksums {
+                        let p = dir.join(&c.file);
+                        extra.push((
+                            format!("{PREVIOUS_DIR}/{}", c.file),
+                            std::fs::read(&p).map_err(|e| Error::io(&p, e))?,
+                        ));
+                    }
+                }
+                Err(e) => log::warn!("the package being replaced is not kept: {e}"),
+            }
+        }
+    }
+    for (rel, bytes) in &extra {
+        let path = tmp.path().join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        write_synced(&path, bytes)?;
+    }
     manifest.checksums.clear();
     for (file, bytes) in files {
         let path = tmp.path().join(file);
@@ -430,6 +563,24 @@ impl Package {
         self.dir.join(&self.manifest.model)
     }
 
+    /// The step model's bytes.
+    pub fn model_bytes(&self) -> Result<std::borrow::Cow<'static, [u8]>> {
+        match &self.embedded {
+            Some(Embedded(bytes)) => Ok(std::borrow::Cow::Borrowed(bytes)),
+            None => {
+                let path = self.model_path();
+                Ok(std::borrow::Cow::Owned(
+                    std::fs::read(&path).map_err(|e| Error::io(&path, e))?,
+                ))
+            }
+        }
+    }
+
+    /// Whether the package is the one built into the binary (it cannot be changed).
+    pub fn is_embedded(&self) -> bool {
+        self.embedded.is_some()
+    }
+
     /// Load the step model and check it against the manifest (input size, feature width, states).
     pub fn step_model(&self) -> Result<StepModel> {
         let path = self.model_path();
@@ -437,6 +588,17 @@ impl Package {
             Some(Embedded(bytes)) => StepModel::from_onnx(bytes, &path.display().to_string())?,
             None => StepModel::from_file(&path)?,
         };
+        self.checked(model)
+    }
+
+    /// Load a variant of the step model (`bytes`: e.g. with calibration taps) and check it
+    /// against the manifest like [`Package::step_model`].
+    pub fn step_model_from(&self, bytes: &[u8], context: &str) -> Result<StepModel> {
+        self.checked(StepModel::from_onnx(bytes, context)?)
+    }
+
+    fn checked(&self, model: StepModel) -> Result<StepModel> {
+        let path = self.model_path();
         let m = &self.manifest;
         let mismatch = |what: String| {
             Err(Error::package(

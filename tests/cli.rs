@@ -959,3 +959,128 @@ fn a_missing_link_port_is_not_fatal() {
     );
     assert!(String::from_utf8_lossy(&o.stdout).lines().count() > 3);
 }
+
+/// `pe-clip calibrate` on a copy of the demo package: ranges from near-infrared clips of one
+/// person, rollback, a driver profile from one neutral clip that `pe-clip run --driver` applies,
+/// and clean errors for bad input (the package untouched).
+#[test]
+fn calibrate_ranges_and_a_driver_profile_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("pkg");
+    std::fs::create_dir(&pkg).unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    for f in ["manifest.json", "model.onnx"] {
+        std::fs::copy(demo.join(f), pkg.join(f)).unwrap();
+    }
+    let original = std::fs::read(pkg.join("model.onnx")).unwrap();
+    let person = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "synth",
+            "--person",
+            "--out",
+            s(out),
+            "--size",
+            "64",
+            "--min-frames",
+            "16",
+            "--max-frames",
+            "16",
+            "--clips-per-class",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let o = run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let ir = dir.path().join("ir");
+    person(&ir, &["--ir", "--seed", "5"]);
+    let o = run(&[
+        "calibrate",
+        "--package",
+        s(&pkg),
+        "--clips",
+        s(&ir),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["recalibration"]["layers"], 48);
+    assert_eq!(r["recalibration"]["frames"], 7 * 16);
+    assert_ne!(std::fs::read(pkg.join("model.onnx")).unwrap(), original);
+    let o = run(&["calibrate", "--package", s(&pkg), "--rollback"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(pkg.join("model.onnx")).unwrap(), original);
+
+    let driver = dir.path().join("driver");
+    person(
+        &driver,
+        &["--shift", "droopy", "--classes", "neutral", "--seed", "6"],
+    );
+    let o = run(&[
+        "calibrate",
+        "--package",
+        s(&pkg),
+        "--driver",
+        "dana",
+        "--clips",
+        s(&driver),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("driver dana: neutral-offset"), "{out}");
+    assert!(pkg.join("drivers/dana.json").is_file());
+    let clip = driver.join("neutral/neutral-01.y4m");
+    let events = |profile: Option<&str>| {
+        let ev = dir.path().join("events.jsonl");
+        let mut args = vec![
+            "run",
+            "--package",
+            s(&pkg),
+            "--source",
+            s(&clip),
+            "--stride",
+            "1",
+            "--smooth",
+            "none",
+            "--partial-every",
+            "0",
+            "--events",
+            s(&ev),
+        ];
+        if let Some(d) = profile {
+            args.extend_from_slice(&["--driver", d]);
+        }
+        let o = run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = std::fs::read_to_string(&ev).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        last["label"].as_str().unwrap().to_string()
+    };
+    assert_ne!(events(None), "neutral");
+    assert_eq!(events(Some("dana")), "neutral");
+    // Bad input: unknown profile, the built-in package, too few clips; nothing changes.
+    let manifest = std::fs::read(pkg.join("manifest.json")).unwrap();
+    let o = run(&[
+        "run",
+        "--package",
+        s(&pkg),
+        "--driver",
+        "nobody",
+        "--source",
+        "synth",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("drivers/nobody.json"), "{}", stderr(&o));
+    let o = run(&["run", "--driver", "dana", "--source", "synth"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("built-in demo package"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["calibrate", "--package", s(&pkg), "--clips", s(&driver)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("at least 3"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(pkg.join("model.onnx")).unwrap(), original);
+    assert_eq!(std::fs::read(pkg.join("manifest.json")).unwrap(), manifest);
+}

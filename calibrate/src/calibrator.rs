@@ -15,6 +15,14 @@ struct LayerStats {
     x_channels: Vec<f32>,
 }
 
+/// A linear layer to observe: its name, the value that feeds it and that value's width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerInput {
+    pub layer: String,
+    pub input: String,
+    pub in_dim: usize,
+}
+
 /// Observers of the inputs of every quantizable linear layer of a graph (the int8 form keeps
 /// outputs in f32, so only inputs need ranges).
 #[derive(Debug, Clone)]
@@ -26,21 +34,40 @@ pub struct Calibrator {
 impl Calibrator {
     /// Observers of `kind` for the quantizable layers of `graph`.
     pub fn new(graph: &Graph, kind: ObserverKind) -> Self {
-        let mut layers = Vec::new();
+        let layers: Vec<LayerInput> = graph
+            .linears
+            .iter()
+            .filter(|l| l.quantizable)
+            .map(|l| LayerInput {
+                layer: l.name.clone(),
+                input: l.input.clone(),
+                in_dim: l.in_dim,
+            })
+            .collect();
+        Self::for_layers(&layers, kind)
+    }
+
+    /// Observers of `kind` for the inputs of `layers` (e.g. the int8 layers of a packaged
+    /// model, whose f32 graph is gone).
+    pub fn for_layers(layers: &[LayerInput], kind: ObserverKind) -> Self {
+        let mut stats = Vec::new();
         let mut by_value: HashMap<String, Vec<usize>> = HashMap::new();
-        for l in graph.linears.iter().filter(|l| l.quantizable) {
+        for l in layers {
             by_value
                 .entry(l.input.clone())
                 .or_default()
-                .push(layers.len());
-            layers.push(LayerStats {
-                name: l.name.clone(),
+                .push(stats.len());
+            stats.push(LayerStats {
+                name: l.layer.clone(),
                 in_dim: l.in_dim,
                 x: Observer::new(kind),
                 x_channels: vec![0.0; l.in_dim],
             });
         }
-        Self { layers, by_value }
+        Self {
+            layers: stats,
+            by_value,
+        }
     }
 
     /// The values to tap, each once.

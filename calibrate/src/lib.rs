@@ -15,14 +15,20 @@
 //! - [`fold`]: exact rewrites (affine into the next linear, linear after linear, stacking);
 //! - [`equalize`]: SmoothQuant-style per-input-channel equalization, folded exactly into the
 //!   affine (LayerNorm) that feeds the matmul, so the f32 function is unchanged while the
-//!   activation and weight ranges are balanced.
+//!   activation and weight ranges are balanced;
+//! - [`requant`]: new activation ranges for an int8 layer whose f32 weights are gone (on-device
+//!   re-calibration);
+//! - [`profile`]: driver profiles, a small regularised correction of the video head fitted to one
+//!   driver's clips.
 
 pub mod calibrator;
 pub mod equalize;
 pub mod fold;
 pub mod graph;
 pub mod observer;
+pub mod profile;
 pub mod quant;
+pub mod requant;
 
 pub use observer::{Observer, ObserverKind};
 pub use quant::{dequantize, quantize_per_channel, quantize_per_tensor, QuantTensor};

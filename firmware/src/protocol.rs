@@ -265,8 +265,7 @@ mod tests {
             "09 01 03 01 01 f7 07 a2 f5 00",
             "0e 01 04 6a d8 04 d0 0f b8 17 ed 7a d4 d3 00",
         ];
-        let doc =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/PROTOCOL.md")).unwrap();
+        let doc = include_str!("../PROTOCOL.md");
         for (msg, want) in samples().iter().zip(want) {
             let bytes = frame(msg);
             assert_eq!(hex(&bytes), want, "{msg:?}");

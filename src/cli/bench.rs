@@ -13,6 +13,239 @@ enum What {
     Train(TrainArgs),
     /// Per-frame step latency of model packages in tract, at each thread count.
     Step(StepArgs),
+    /// Time of `pe-clip calibrate` (ranges) on a few clips against running the same clips.
+    Calibrate(CalibrateArgs),
+    /// UAR of synthetic drivers with a shifted resting face, without and with a driver profile.
+    Driver(DriverArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CalibrateArgs {
+    /// An int8 package (it is copied; the original is not changed). Default: the demo package.
+    #[arg(long, value_name = "DIR")]
+    package: Option<std::path::PathBuf>,
+    /// Clips to calibrate on (default: generated synthetic clips in the near-infrared look).
+    #[arg(long, value_name = "DIR")]
+    clips: Option<std::path::PathBuf>,
+    /// Generated clips and their frames.
+    #[arg(long, default_value_t = 5)]
+    count: usize,
+    #[arg(long, default_value_t = 16)]
+    frames: usize,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct DriverArgs {
+    /// A package with a neutral reference. Default: the demo package.
+    #[arg(long, value_name = "DIR")]
+    package: Option<std::path::PathBuf>,
+    /// The drivers' resting-face shift (`pe-clip synth --shift`); `none` for unshifted drivers.
+    #[arg(long, default_value = "droopy")]
+    shift: String,
+    #[arg(long, default_value_t = 10)]
+    drivers: usize,
+    /// Neutral clips each profile is fitted from.
+    #[arg(long, default_value_t = 1)]
+    neutral_clips: usize,
+    /// Clips of every other class also given to the fit.
+    #[arg(long, default_value_t = 0)]
+    labelled_clips: usize,
+    /// Held-out clips per class per driver.
+    #[arg(long, default_value_t = 5)]
+    test_clips: usize,
+    #[arg(long, default_value_t = 1000)]
+    seed: u64,
+    #[arg(long)]
+    ir: bool,
+    #[arg(long, default_value_t = 0.25)]
+    shrinkage: f32,
+    #[arg(long, default_value_t = 0.05)]
+    bias_l2: f32,
+    #[arg(long)]
+    no_bias: bool,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn package_or_demo(dir: &Option<std::path::PathBuf>) -> anyhow::Result<crate::package::Package> {
+    Ok(match dir {
+        Some(d) => crate::package::Package::open(d)?,
+        None => crate::package::Package::embedded_demo()?,
+    })
+}
+
+/// Copy a package's manifest and files into `to`.
+fn copy_package(p: &crate::package::Package, to: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    std::fs::write(
+        to.join(crate::package::MANIFEST_FILE),
+        serde_json::to_vec_pretty(&p.manifest)?,
+    )?;
+    std::fs::write(to.join(&p.manifest.model), p.model_bytes()?)?;
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn run_calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
+    use crate::calibration::{self, RangeOptions};
+    use crate::runtime::roi::RoiPolicy;
+    crate::engine::set_threads(a.threads);
+    let source = package_or_demo(&a.package)?;
+    let tmp = tempfile::tempdir()?;
+    let clips_dir = match &a.clips {
+        Some(d) => d.clone(),
+        None => {
+            use pe_clip_models::synth::{write_dataset, DatasetOptions, SynthOptions};
+            let d = tmp.path().join("data");
+            write_dataset(
+                &d,
+                &DatasetOptions {
+                    train: 0,
+                    test: a.count,
+                    seed: 77,
+                    size: source.manifest.preprocess.image_size as u32,
+                    clip: SynthOptions {
+                        min_frames: a.frames,
+                        max_frames: a.frames,
+                        infrared: true,
+                        distractors: true,
+                    },
+                },
+            )?;
+            d.join("Clip").join("clip_224x224")
+        }
+    };
+    let pkg_dir = tmp.path().join("package");
+    copy_package(&source, &pkg_dir)?;
+    let mut run_s = Vec::new();
+    let mut cal_s = Vec::new();
+    let mut last = None;
+    for _ in 0..a.repeat.max(1) {
+        // Running the clips: open the package, load the model and the clips, step every frame.
+        let t = std::time::Instant::now();
+        let p = crate::package::Package::open(&pkg_dir)?;
+        let found = calibration::discover_clips(&clips_dir, &p.class_names())?;
+        let loaded =
+            calibration::load_clips(&p, &found, p.manifest.temporal.window, RoiPolicy::Full)?;
+        let mut step = p.step_model()?;
+        for c in &loaded.clips {
+            let mut state = step.zero_state();
+            for f in &c.frames {
+                std::hint::black_box(step.step(f, &mut state)?);
+            }
+        }
+        run_s.push(t.elapsed().as_secs_f64());
+        // Calibrating them (and writing the package; each round rolls back first).
+        let t = std::time::Instant::now();
+        let r = calibration::recalibrate(
+            &pkg_dir,
+            &clips_dir,
+            &RangeOptions {
+                observer: None,
+                roi: RoiPolicy::Full,
+                check: None,
+                check_f32: None,
+            },
+        )?;
+        cal_s.push(t.elapsed().as_secs_f64());
+        calibration::rollback(&pkg_dir)?;
+        last = Some(r);
+    }
+    let r = last.expect("at least one round");
+    let (run, cal) = (median(run_s), median(cal_s));
+    let out = serde_json::json!({
+        "package": source.dir.display().to_string(),
+        "clips": r.recalibration.clips,
+        "frames": r.recalibration.frames,
+        "threads": a.threads,
+        "run_seconds": run,
+        "calibrate_seconds": cal,
+        "ratio": cal / run,
+        "calibrate_parts": r.seconds,
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "{}: {} clips, {} frames: running {:.3} s, calibrating {:.3} s (observing {:.3} s, \
+             rewriting and verifying {:.3} s, writing {:.3} s): {:.2}x",
+            source.dir.display(),
+            r.recalibration.clips,
+            r.recalibration.frames,
+            run,
+            cal,
+            r.seconds.observe,
+            r.seconds.rewrite_and_verify,
+            r.seconds.write,
+            cal / run
+        );
+    }
+    Ok(super::EXIT_OK)
+}
+
+fn run_driver(a: DriverArgs) -> anyhow::Result<u8> {
+    use crate::calibration::{evaluate_profiles, DriverEvalOptions};
+    crate::engine::set_threads(a.threads);
+    let package = package_or_demo(&a.package)?;
+    let shift = if a.shift == "none" {
+        [0.0; 13]
+    } else {
+        pe_clip_models::synth::parse_shift(&a.shift).map_err(|e| anyhow::anyhow!("--shift: {e}"))?
+    };
+    let tmp = tempfile::tempdir()?;
+    let r = evaluate_profiles(
+        &package,
+        tmp.path(),
+        &DriverEvalOptions {
+            shift,
+            drivers: a.drivers,
+            neutral_clips: a.neutral_clips,
+            labelled_clips: a.labelled_clips,
+            test_clips: a.test_clips,
+            seed: a.seed,
+            infrared: a.ir,
+            shrinkage: a.shrinkage,
+            bias_l2: (!a.no_bias).then_some(a.bias_l2),
+        },
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        for d in &r.drivers {
+            println!(
+                "driver seed {}: UAR {:.1} % -> {:.1} %, neutral recall {:.0} % -> {:.0} %",
+                d.seed,
+                100.0 * d.uar_before,
+                100.0 * d.uar_after,
+                100.0 * d.neutral_recall_before,
+                100.0 * d.neutral_recall_after
+            );
+        }
+        println!(
+            "shift {}: {} drivers, {} held-out clips each: mean UAR {:.1} % -> {:.1} % ({:+.1} points) in {:.1} s",
+            a.shift,
+            r.drivers.len(),
+            r.test_clips_per_driver,
+            100.0 * r.uar_before,
+            100.0 * r.uar_after,
+            100.0 * (r.uar_after - r.uar_before),
+            r.seconds
+        );
+    }
+    Ok(super::EXIT_OK)
 }
 
 #[derive(Debug, clap::Args)]
@@ -336,6 +569,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     match args.what {
         What::Train(a) => run_train(a),
         What::Step(a) => run_step(a),
+        What::Calibrate(a) => run_calibrate(a),
+        What::Driver(a) => run_driver(a),
     }
 }
 

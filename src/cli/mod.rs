@@ -2,6 +2,7 @@
 //! stay in this module tree and never reach library code.
 
 mod bench;
+mod calibrate;
 mod eval;
 mod export;
 mod features;
@@ -76,6 +77,8 @@ enum Command {
     Export(export::Args),
     /// Per-frame features and clip logits of clips through a model package (JSON lines).
     Features(features::Args),
+    /// On-device calibration with local clips: int8 ranges for this camera, driver profiles.
+    Calibrate(calibrate::Args),
     /// Benchmarks: training throughput, step latency of model packages.
     Bench(bench::Args),
     /// The device loop: frames from a camera, file, folder or synthetic stream through a model
@@ -126,6 +129,7 @@ pub fn main() -> ExitCode {
         Command::Summarize(a) => summarize::run(a),
         Command::Export(a) => export::run(a),
         Command::Features(a) => features::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Run(a) => run::run(a),
         Command::Demo(a) => run::demo(a),

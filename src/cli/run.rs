@@ -30,6 +30,10 @@ pub struct Args {
     /// Model package directory (default: the demo package built into pe-clip).
     #[arg(long, value_name = "DIR")]
     package: Option<PathBuf>,
+    /// Apply a driver profile: NAME (fitted with `pe-clip calibrate --driver NAME`, stored in the
+    /// package's drivers/) or a profile file.
+    #[arg(long, value_name = "NAME")]
+    driver: Option<String>,
     /// Frames: `camera` (/dev/video0), /dev/videoN, a .y4m file, a folder of frames, or `synth`.
     /// Without it: the camera if there is one, else the demo on a synthetic stream.
     #[arg(long, value_name = "SOURCE")]
@@ -366,6 +370,9 @@ fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
         None => RoiPolicy::Full,
     };
     cfg.queue = args.queue;
+    if let Some(name) = &args.driver {
+        cfg.driver = Some(crate::calibration::load_profile(&package, name)?);
+    }
     cfg.max_frames = args.frames;
     cfg.stats_every = args
         .stats

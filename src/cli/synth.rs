@@ -32,6 +32,20 @@ pub struct Args {
     /// No blinks, speech or brief other expressions.
     #[arg(long)]
     no_distractors: bool,
+    /// Instead of a dataset: one person's clips, `OUT/<class>/<class>-NN.y4m` (the layout
+    /// `pe-clip calibrate` reads), e.g. a driver to fit a profile for.
+    #[arg(long)]
+    person: bool,
+    /// With --person: move the resting face, e.g. `droopy` or
+    /// `brow-lowerer=0.45,lip-corner-depressor=0.5` (AU names or au4, values 0..1 added).
+    #[arg(long, value_name = "SHIFT", requires = "person")]
+    shift: Option<String>,
+    /// With --person: clips of each class.
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "person")]
+    clips_per_class: usize,
+    /// With --person: the classes (comma-separated names; default all).
+    #[arg(long, value_name = "LIST", requires = "person")]
+    classes: Option<String>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
@@ -42,17 +56,59 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if args.size < 16 {
         anyhow::bail!("--size must be at least 16 pixels");
     }
+    let clip = SynthOptions {
+        min_frames: args.min_frames,
+        max_frames: args.max_frames,
+        infrared: args.ir,
+        distractors: !args.no_distractors,
+    };
+    if args.person {
+        use pe_clip_models::synth::{parse_shift, write_person, PersonOptions, CLASS_NAMES};
+        let shift = match &args.shift {
+            Some(s) => parse_shift(s).map_err(|e| anyhow::anyhow!("--shift: {e}"))?,
+            None => [0.0; 13],
+        };
+        let classes = match &args.classes {
+            None => (0..CLASS_NAMES.len()).collect(),
+            Some(list) => list
+                .split(',')
+                .map(|c| {
+                    CLASS_NAMES
+                        .iter()
+                        .position(|n| *n == c.trim())
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--classes: {c:?} is not one of {}",
+                                CLASS_NAMES.join(", ")
+                            )
+                        })
+                })
+                .collect::<anyhow::Result<Vec<usize>>>()?,
+        };
+        let written = write_person(
+            &args.out,
+            &PersonOptions {
+                seed: args.seed,
+                size: args.size,
+                clip,
+                shift,
+                clips_per_class: args.clips_per_class,
+                classes,
+            },
+        )?;
+        println!(
+            "{}: {} clips of one person",
+            args.out.display(),
+            written.len()
+        );
+        return Ok(super::EXIT_OK);
+    }
     let opts = DatasetOptions {
         train: args.train,
         test: args.test,
         seed: args.seed,
         size: args.size,
-        clip: SynthOptions {
-            min_frames: args.min_frames,
-            max_frames: args.max_frames,
-            infrared: args.ir,
-            distractors: !args.no_distractors,
-        },
+        clip,
     };
     let r = write_dataset(&args.out, &opts)?;
     println!(

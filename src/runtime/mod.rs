@@ -50,6 +50,8 @@ pub struct RunConfig {
     pub max_frames: Option<u64>,
     /// Report statistics this often (to the sink) while running.
     pub stats_every: Option<Duration>,
+    /// A driver profile (`--driver`), checked against the package.
+    pub driver: Option<pe_clip_calibrate::profile::DriverProfile>,
 }
 
 impl RunConfig {
@@ -70,6 +72,7 @@ impl RunConfig {
             queue: 2,
             max_frames: None,
             stats_every: None,
+            driver: None,
         }
     }
 }
@@ -212,6 +215,12 @@ pub fn run(
     }
     let classes = package.class_names();
     let mut streamer = Streamer::new(model, package.manifest.head.clone(), cfg.windowing)?;
+    if let Some(p) = &cfg.driver {
+        p.validate(&crate::calibration::model_binding(package))
+            .map_err(|e| Error::Input(format!("driver profile {}: {e}", p.name)))?;
+        log::info!("driver profile {} ({})", p.name, p.method);
+        streamer = streamer.with_correction(p.correction());
+    }
     let mut smoother = Smoother::new(cfg.smoothing);
     let description = source.describe();
     log::info!(

@@ -89,6 +89,8 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
 pub struct Streamer {
     geometry: Windowing,
     head: Head,
+    /// A driver profile's correction of the head, if any.
+    correction: Option<pe_clip_calibrate::profile::Correction>,
     chains: Vec<Chain>,
     /// (source frame index, t_ms) of the last `window` sampled frames.
     recent: VecDeque<(u64, f64)>,
@@ -115,6 +117,7 @@ impl Streamer {
         Ok(Self {
             geometry,
             head,
+            correction: None,
             chains,
             recent: VecDeque::with_capacity(geometry.window + 1),
             features: VecDeque::with_capacity(geometry.window + 1),
@@ -124,13 +127,22 @@ impl Streamer {
         })
     }
 
+    /// Score windows with a driver profile's correction of the head.
+    pub fn with_correction(mut self, correction: pe_clip_calibrate::profile::Correction) -> Self {
+        self.correction = Some(correction);
+        self
+    }
+
     /// Sampled frames seen so far.
     pub fn sampled(&self) -> u64 {
         self.sampled
     }
 
     fn prediction(&self, sum: &[f64], frames: usize, partial: bool) -> Prediction {
-        let logits = self.head.logits_of_sum(sum);
+        let logits = match &self.correction {
+            Some(c) => c.logits(&self.head.text_features, self.head.logit_scale, sum, frames),
+            None => self.head.logits_of_sum(sum),
+        };
         let probs = softmax(&logits);
         let (first_frame, _) = self.recent[self.recent.len() - frames.min(self.recent.len())];
         let &(frame, t_ms) = self.recent.back().expect("a frame was pushed");
