@@ -137,17 +137,7 @@ fn load_step(g: &Graph, what: &str) -> Result<StepModel> {
 fn observe(g: &Graph, cal: &mut Calibrator, clips: &[Vec<Vec<u8>>], what: &str) -> Result<()> {
     let taps = cal.taps();
     let mut step = load_step(&g.with_taps(&taps), what)?;
-    let names = step.extra_outputs().to_vec();
-    for frames in clips {
-        let mut state = step.zero_state();
-        for f in frames {
-            let (_, extra) = step.step_with_extra(f, &mut state)?;
-            for (name, (_, values)) in names.iter().zip(&extra) {
-                cal.observe(name, values);
-            }
-        }
-    }
-    Ok(())
+    crate::calibration::observe(&mut step, cal, clips)
 }
 
 fn cell_name(c: TemporalCell) -> &'static str {

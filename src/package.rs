@@ -126,6 +126,10 @@ pub struct Recalibration {
     /// Where the clips came from.
     pub source: String,
     pub observer: String,
+    /// The models the inputs were observed through, in order (`int8`: the package's own;
+    /// `f32`: its int8 weights with f32 activations); the last one's ranges were used.
+    #[serde(default)]
+    pub passes: Vec<String>,
     pub clips: usize,
     pub frames: usize,
     pub clip_list_sha256: String,

@@ -29,6 +29,9 @@ pub struct LayerInput {
 pub struct Calibrator {
     layers: Vec<LayerStats>,
     by_value: HashMap<String, Vec<usize>>,
+    /// Whether per-channel input ranges are tracked (SmoothQuant needs them; re-calibration
+    /// does not).
+    channels: bool,
 }
 
 impl Calibrator {
@@ -67,7 +70,15 @@ impl Calibrator {
         Self {
             layers: stats,
             by_value,
+            channels: true,
         }
+    }
+
+    /// Do not track per-channel input ranges ([`Calibrator::input_channel_absmax`] stays zero):
+    /// half the work per observed value.
+    pub fn without_channel_ranges(mut self) -> Self {
+        self.channels = false;
+        self
     }
 
     /// The values to tap, each once.
@@ -85,6 +96,9 @@ impl Calibrator {
         for &k in targets {
             let l = &mut self.layers[k];
             l.x.observe(data);
+            if !self.channels {
+                continue;
+            }
             for row in data.chunks_exact(l.in_dim.max(1)) {
                 for (m, v) in l.x_channels.iter_mut().zip(row) {
                     if v.is_finite() {

@@ -45,6 +45,10 @@ pub struct Args {
     /// with).
     #[arg(long, value_name = "KIND")]
     observer: Option<String>,
+    /// Observe the layers' inputs through the int8 model (as fast as running it), with f32
+    /// activations (what export did; slower), or auto: int8, then f32 if the old ranges clip.
+    #[arg(long, value_name = "HOW", default_value = "auto")]
+    observe: String,
     /// Held-out clips: compare the old and the new ranges on them (against the package's int8
     /// weights with f32 activations).
     #[arg(long, value_name = "DIR", requires = "clips")]
@@ -56,7 +60,7 @@ pub struct Args {
     #[arg(long, value_name = "ROI", default_value = "full")]
     roi: String,
     /// Driver profile: prior strength of the neutral offset, in clips.
-    #[arg(long, value_name = "K", default_value_t = 0.25)]
+    #[arg(long, value_name = "K", default_value_t = 1.0)]
     shrinkage: f32,
     /// Driver profile: L2 penalty of the class bias (fitted only with clips of two classes or
     /// more).
@@ -168,17 +172,19 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             roi,
             check: args.check.clone(),
             check_f32: args.check_f32.clone(),
+            observe: args.observe.parse()?,
         },
     )?;
     print(args.json, &r, || {
         let c = &r.recalibration;
         println!(
-            "{}: {} int8 layers re-calibrated ({} observer) from {} clips ({} frames); new/old \
-             input range: median {:.2}, {:.2} to {:.2}; {:.1} s (observing {:.1} s); previous \
-             version kept for --rollback",
+            "{}: {} int8 layers re-calibrated ({} observer, observed through {}) from {} clips \
+             ({} frames); new/old input range: median {:.2}, {:.2} to {:.2}; {:.1} s (observing \
+             {:.1} s); previous version kept for --rollback",
             r.package.display(),
             c.layers,
             c.observer,
+            c.passes.join(" then "),
             c.clips,
             c.frames,
             c.threshold_ratio_median,
@@ -200,6 +206,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 k.before.logit_cosine_min,
                 k.after.logit_cosine_min
             );
+            if k.after.top1_agreement < k.before.top1_agreement
+                || k.after.logit_cosine_mean < k.before.logit_cosine_mean - 1e-3
+            {
+                println!(
+                    "note: the new ranges agree less with the reference on these clips than the \
+                     old ones; `pe-clip calibrate --package {} --rollback` restores the old",
+                    r.package.display()
+                );
+            }
         }
         for s in &r.skipped {
             println!("skipped {s}");
