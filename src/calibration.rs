@@ -1407,6 +1407,24 @@ mod tests {
         assert!(e.contains("f32 package"), "{e}");
         let e = rollback(&f32_dir).unwrap_err().to_string();
         assert!(e.contains("no previous version"), "{e}");
+        // Checking against the f32 package of another model is refused before anything is
+        // written.
+        let other = tmp.path().join("other");
+        let mut m = Package::open(&f32_dir).unwrap().manifest;
+        m.provenance.checkpoint_sha256 = "1".repeat(64);
+        write_package(&other, m, &[(MODEL_FILE, &before)]).unwrap();
+        let opts = RangeOptions {
+            check_f32: Some(other.clone()),
+            ..options(Some(more.clone()))
+        };
+        let manifest_now = std::fs::read(pkg.join(MANIFEST_FILE)).unwrap();
+        let e = recalibrate(&pkg, &more, &opts).unwrap_err().to_string();
+        assert!(e.contains("other") && e.contains("another model"), "{e}");
+        assert_eq!(model_bytes(&pkg), before);
+        assert_eq!(
+            std::fs::read(pkg.join(MANIFEST_FILE)).unwrap(),
+            manifest_now
+        );
     }
 
     fn droopy_driver(dir: &Path, classes: Vec<usize>, seed: u64) -> PathBuf {

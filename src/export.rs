@@ -664,6 +664,8 @@ pub(crate) mod tests {
         }
         let pkg = Package::open(&pkg_dir).unwrap();
         assert_eq!(pkg.manifest.classes.len(), 7);
+        // No labelled clips were given: no neutral reference.
+        assert!(pkg.manifest.neutral_reference.is_none());
         assert_eq!(pkg.manifest.temporal.window, 16);
         let mut step = pkg.step_model().unwrap();
         let text = l2_normalize(&m.text_features().unwrap()).unwrap();
@@ -773,6 +775,37 @@ pub(crate) mod tests {
             assert!(f.logit_cosine_min > 0.999, "{per_channel}: {f:?}");
             let pkg = Package::open(&pkg_dir).unwrap();
             assert_eq!(pkg.manifest.precision, "int8");
+            // The one calibration clip labelled neutral gives the neutral reference.
+            let r = pkg.manifest.neutral_reference.as_ref().unwrap();
+            assert_eq!((r.clips, r.frames, r.feature.len()), (1, 16, 32));
+            // Re-calibrating on the same clips with the same observer, observed like the export
+            // (f32 activations), finds the export's ranges again (the weights are int8 now).
+            let calib_dir = tmp.path().join("calib-copy");
+            let _ = std::fs::remove_dir_all(&calib_dir);
+            std::fs::create_dir_all(&calib_dir).unwrap();
+            for (k, c) in train.iter().enumerate() {
+                std::os::unix::fs::symlink(&c.path, calib_dir.join(format!("clip{k}"))).unwrap();
+            }
+            let r = crate::calibration::recalibrate(
+                &pkg_dir,
+                &calib_dir,
+                &crate::calibration::RangeOptions {
+                    observer: None,
+                    observe: crate::calibration::Observation::F32,
+                    roi: crate::runtime::roi::RoiPolicy::Full,
+                    check: None,
+                    check_f32: None,
+                },
+            )
+            .unwrap();
+            let rec = r.recalibration;
+            assert_eq!((rec.layers, rec.frames), (4 * blocks, 6 * 16));
+            assert!(
+                rec.threshold_ratio_min > 0.98 && rec.threshold_ratio_max < 1.02,
+                "{per_channel}: {rec:?}"
+            );
+            crate::calibration::rollback(&pkg_dir).unwrap();
+            let pkg = Package::open(&pkg_dir).unwrap();
             let onnx = std::fs::read(pkg.model_path()).unwrap();
             let text = String::from_utf8_lossy(&onnx);
             assert!(text.contains("MatMulInteger"));
