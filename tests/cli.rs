@@ -1054,10 +1054,32 @@ fn calibrate_ranges_and_a_driver_profile_from_the_cli() {
         assert!(o.status.success(), "{}", stderr(&o));
         let text = std::fs::read_to_string(&ev).unwrap();
         let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-        last["label"].as_str().unwrap().to_string()
+        let neutral = last["probs"][2].as_f64().unwrap();
+        (last["label"].as_str().unwrap().to_string(), neutral)
     };
-    assert_ne!(events(None), "neutral");
-    assert_eq!(events(Some("dana")), "neutral");
+    // The profile (half the measured offset from one clip) moves the driver's neutral clip
+    // towards neutral.
+    let (label, plain) = events(None);
+    assert_ne!(label, "neutral");
+    let (_, with) = events(Some("dana"));
+    assert!(
+        with > 100.0 * plain,
+        "neutral probability {plain} -> {with}"
+    );
+    // The whole offset (no shrinkage) makes it neutral.
+    let o = run(&[
+        "calibrate",
+        "--package",
+        s(&pkg),
+        "--driver",
+        "dana",
+        "--clips",
+        s(&driver),
+        "--shrinkage",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(events(Some("dana")).0, "neutral");
     // Bad input: unknown profile, the built-in package, too few clips; nothing changes.
     let manifest = std::fs::read(pkg.join("manifest.json")).unwrap();
     let o = run(&[
