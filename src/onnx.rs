@@ -400,3 +400,112 @@ pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, String> {
     g.initializer.retain(|t| used.contains(&t.name));
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pe_clip_calibrate::graph::{quantize, ElemType, LinearOpts, LinearRanges};
+    use std::collections::HashMap;
+
+    /// One linear layer with a bias, and one without, quantized as the exporter does.
+    fn quantized(per_channel: bool) -> pb::ModelProto {
+        let mut g = Graph::new("t");
+        let x = g.input("x", ElemType::F32, &[1, 3]);
+        let w: Vec<f32> = (0..6).map(|k| k as f32 * 0.3 - 0.8).collect();
+        let a = g.linear(
+            &x,
+            "a",
+            &w,
+            2,
+            3,
+            LinearOpts {
+                bias: Some(&[0.25, -0.5]),
+                quantizable: true,
+            },
+        );
+        let b = g.linear(
+            &a,
+            "b",
+            &[1.0, -2.0],
+            1,
+            2,
+            LinearOpts {
+                bias: None,
+                quantizable: true,
+            },
+        );
+        g.output(&b, "y", ElemType::F32, Some(&[1, 1]));
+        let ranges = HashMap::from([
+            ("a".to_string(), LinearRanges { input: 2.0 }),
+            ("b".to_string(), LinearRanges { input: 3.0 }),
+        ]);
+        to_model_proto(&quantize(&g, &ranges, per_channel).0, &[])
+    }
+
+    fn initializer_f32(m: &pb::ModelProto, name: &str) -> Vec<f32> {
+        f32s(initializer(m.graph.as_ref().unwrap(), name).unwrap()).unwrap()
+    }
+
+    /// The int8 layers are found with their inputs and scales; new scales are written in place;
+    /// the dequantized model computes `x·(W_q·s_w) + b_q·r` with plain MatMul and Add.
+    #[test]
+    fn sites_are_found_rescaled_and_dequantized() {
+        for per_channel in [false, true] {
+            let mut m = quantized(per_channel);
+            let sites = quant_sites(&m).unwrap();
+            assert_eq!(
+                sites.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+                ["a", "b"]
+            );
+            let a = &sites[0];
+            assert_eq!((a.input.as_str(), a.in_dim, a.out_dim), ("x", 3, 2));
+            assert!((a.scales.threshold() - 2.0).abs() < 1e-6);
+            assert!(a.scales.bias_q.is_some() && sites[1].scales.bias_q.is_none());
+            let d = dequantized(&m).unwrap();
+            let g = d.graph.as_ref().unwrap();
+            assert!(!g.node.iter().any(|n| n.op_type.contains("Integer")
+                || n.op_type == "QuantizeLinear"
+                || n.op_type == "Cast"));
+            assert_eq!(g.node.iter().filter(|n| n.op_type == "MatMul").count(), 2);
+            let w = initializer_f32(&d, "a.weight_deq");
+            let wq = i8s(initializer(m.graph.as_ref().unwrap(), "a.weight_q").unwrap()).unwrap();
+            let sw = a.scales.weight_scales();
+            for (k, (v, q)) in w.iter().zip(&wq).enumerate() {
+                let s = sw[if per_channel { k % 2 } else { 0 }];
+                assert!((v - *q as f32 * s).abs() < 1e-7);
+            }
+            let bias = initializer_f32(&d, "a.bias_deq");
+            for (v, want) in bias.iter().zip([0.25f32, -0.5]) {
+                assert!((v - want).abs() < 1e-3, "{bias:?}");
+            }
+            // The output keeps its name, so the rest of the graph is untouched.
+            assert!(g.node.iter().any(|n| n.op_type == "Add"
+                && n.output.first()
+                    == m.graph
+                        .as_ref()
+                        .unwrap()
+                        .node
+                        .iter()
+                        .find(|k| k.op_type == "Mul")
+                        .and_then(|k| k.output.first())));
+            // New scales land in the same constants and read back.
+            let wider = a.scales.with_threshold(4.0);
+            set_site_scales(&mut m, "a", &wider).unwrap();
+            assert_eq!(quant_sites(&m).unwrap()[0].scales, wider);
+            assert!(set_site_scales(&mut m, "nope", &wider).is_err());
+        }
+    }
+
+    #[test]
+    fn a_quantize_node_pe_clip_did_not_write_is_named() {
+        let mut m = quantized(false);
+        let g = m.graph.as_mut().unwrap();
+        g.initializer.retain(|t| t.name != "a.rescale");
+        let e = quant_sites(&m).unwrap_err();
+        assert!(e.contains("a.rescale"), "{e}");
+        let g = m.graph.as_mut().unwrap();
+        g.node[0].input[1] = "mystery".into();
+        let e = quant_sites(&m).unwrap_err();
+        assert!(e.contains("not written by pe-clip"), "{e}");
+    }
+}

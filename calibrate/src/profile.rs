@@ -430,7 +430,14 @@ mod tests {
             neutral: 1,
         };
         assert_eq!(argmax(&none.logits(&text(), 100.0, &neutral.sum, 16)), 0);
-        let c = fit(&[neutral.clone()], &reference, &text(), 100.0, &opts).unwrap();
+        let c = fit(
+            std::slice::from_ref(&neutral),
+            &reference,
+            &text(),
+            100.0,
+            &opts,
+        )
+        .unwrap();
         for (o, s) in c.offset.iter().zip(shift) {
             assert!((*o as f64 - s).abs() < 1e-6, "{:?}", c.offset);
         }
