@@ -225,6 +225,10 @@ fn clip_list_sha(clips: &[LoadedClip]) -> String {
     sha256_hex(paths.join("\n").as_bytes())
 }
 
+fn l2(v: &[f32]) -> f64 {
+    v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -232,18 +236,11 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Per-frame features of a clip from zero state.
-fn frame_features(step: &mut StepModel, frames: &[Vec<u8>]) -> Result<Vec<Vec<f32>>> {
-    let mut state = step.zero_state();
-    frames.iter().map(|f| step.step(f, &mut state)).collect()
-}
-
 /// Per-frame features of a clip from zero state, summed.
 fn feature_sum(step: &mut StepModel, frames: &[Vec<u8>]) -> Result<Vec<f64>> {
-    let mut state = step.zero_state();
     let mut sum = vec![0f64; step.feature_dim()];
-    for f in frames {
-        for (s, v) in sum.iter_mut().zip(step.step(f, &mut state)?) {
+    for f in crate::frames::clip_features(step, frames)? {
+        for (s, v) in sum.iter_mut().zip(f) {
             *s += v as f64;
         }
     }
@@ -743,25 +740,22 @@ pub struct DriverReport {
     pub name: String,
     pub method: String,
     pub fit: FitSummary,
-    /// |δ| and the mean |feature| of the driver's neutral frames, for scale.
+    /// |δ|, and for scale |μ₀| (the neutral reference).
     pub offset_norm: f64,
-    pub neutral_feature_norm: f64,
+    pub reference_norm: f64,
     pub skipped: Vec<String>,
     pub seconds: f64,
 }
 
-/// Per-clip feature sums of loaded clips through `step`.
-pub fn clip_features(
-    step: &mut StepModel,
-    clips: &[LoadedClip],
-) -> Result<Vec<(usize, ClipFeatures)>> {
+/// The features of the labelled ones of `clips` through `step` (unlabelled clips are left out).
+pub fn labelled_features(step: &mut StepModel, clips: &[LoadedClip]) -> Result<Vec<ClipFeatures>> {
     clips
         .iter()
         .filter_map(|c| c.clip.label.map(|l| (l, c)))
         .map(|(label, c)| {
-            Ok((
+            Ok(ClipFeatures::of_frames(
                 label,
-                ClipFeatures::of_frames(label, &frame_features(step, &c.frames)?),
+                &crate::frames::clip_features(step, &c.frames)?,
             ))
         })
         .collect()
@@ -818,10 +812,7 @@ pub fn fit_driver(dir: &Path, clips_dir: &Path, opts: &DriverOptions) -> Result<
         )));
     }
     let mut step = package.step_model()?;
-    let feats: Vec<ClipFeatures> = clip_features(&mut step, &loaded.clips)?
-        .into_iter()
-        .map(|(_, f)| f)
-        .collect();
+    let feats = labelled_features(&mut step, &loaded.clips)?;
     let head = &package.manifest.head;
     let fit_opts = FitOptions {
         shrinkage: opts.shrinkage,
@@ -880,21 +871,13 @@ pub fn fit_driver(dir: &Path, clips_dir: &Path, opts: &DriverOptions) -> Result<
     std::fs::create_dir_all(&drivers).map_err(|e| Error::io(&drivers, e))?;
     let json = serde_json::to_vec_pretty(&profile).expect("profile serialises");
     pe_clip_models::io::write_atomic(&path, &json).map_err(|e| Error::Input(e.to_string()))?;
-    let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
-    let neutral_norm = {
-        let n: Vec<&ClipFeatures> = feats.iter().filter(|f| f.label == neutral).collect();
-        n.iter()
-            .map(|f| norm(&mut f.sum.iter().map(|v| v / f.frames.max(1) as f64)))
-            .sum::<f64>()
-            / n.len().max(1) as f64
-    };
     Ok(DriverReport {
         profile: path,
         name: opts.name.clone(),
         method: method.into(),
         fit: profile.fit.clone(),
-        offset_norm: norm(&mut corr.offset.iter().map(|v| *v as f64)),
-        neutral_feature_norm: neutral_norm,
+        offset_norm: l2(&corr.offset),
+        reference_norm: l2(&reference.feature),
         skipped: loaded.skipped_text(),
         seconds: t0.elapsed().as_secs_f64(),
     })
@@ -942,7 +925,7 @@ pub fn neutral_mean(step: &mut StepModel, clips: &[LoadedClip]) -> Result<(Vec<f
     let mut sum = vec![0f64; step.feature_dim()];
     let mut n = 0usize;
     for c in clips {
-        let center = profile::coordinate_median(&frame_features(step, &c.frames)?);
+        let center = profile::coordinate_median(&crate::frames::clip_features(step, &c.frames)?);
         for (s, v) in sum.iter_mut().zip(center) {
             *s += v;
         }
@@ -1015,11 +998,7 @@ pub fn set_reference(
     }
     let mut step = package.step_model()?;
     let (feature, frames) = neutral_mean(&mut step, &loaded.clips)?;
-    let feature_norm = feature
-        .iter()
-        .map(|v| (*v as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    let feature_norm = l2(&feature);
     let mut manifest = package.manifest.clone();
     manifest.neutral_reference = Some(NeutralReference {
         feature,
@@ -1165,10 +1144,7 @@ pub fn evaluate_profiles(
         );
         let fit_clips = load_clips(package, &train, window, RoiPolicy::Full)?;
         let test_clips = load_clips(package, &test, window, RoiPolicy::Full)?;
-        let feats: Vec<ClipFeatures> = clip_features(&mut step, &fit_clips.clips)?
-            .into_iter()
-            .map(|(_, f)| f)
-            .collect();
+        let feats = labelled_features(&mut step, &fit_clips.clips)?;
         let corr = profile::fit(
             &feats,
             &reference.feature,
@@ -1182,10 +1158,7 @@ pub fn evaluate_profiles(
         )
         .map_err(Error::Input)?;
         let none = profile::Correction::none(head.feature_dim, classes.len());
-        let held: Vec<ClipFeatures> = clip_features(&mut step, &test_clips.clips)?
-            .into_iter()
-            .map(|(_, f)| f)
-            .collect();
+        let held = labelled_features(&mut step, &test_clips.clips)?;
         let score = |c: &profile::Correction| {
             let mut m = Confusion::new(classes.len());
             for f in &held {
@@ -1462,7 +1435,7 @@ mod tests {
         let r = fit_driver(&pkg, &clips, &driver_options("anna")).unwrap();
         assert_eq!(r.method, "neutral-offset");
         assert_eq!(r.fit.clips, vec![("neutral".to_string(), 1)]);
-        assert!(r.offset_norm > 0.05 * r.neutral_feature_norm, "{r:?}");
+        assert!(r.offset_norm > 0.05 * r.reference_norm, "{r:?}");
         assert_eq!(r.profile, profile_path(&pkg, "anna"));
         let package = Package::open(&pkg).unwrap();
         let p = load_profile(&package, "anna").unwrap();

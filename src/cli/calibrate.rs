@@ -139,14 +139,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 .map(|(c, n)| format!("{c} {n}"))
                 .collect();
             println!(
-                "driver {}: {} from {} ({} frames); |offset| {:.3} against |neutral feature| \
+                "driver {}: {} from {} ({} frames); |offset| {:.3} against |neutral reference| \
                  {:.3}; fitting clips right {:.0} % -> {:.0} %; written to {} ({:.1} s)",
                 r.name,
                 r.method,
                 per.join(", "),
                 r.fit.frames,
                 r.offset_norm,
-                r.neutral_feature_norm,
+                r.reference_norm,
                 100.0 * r.fit.fit_accuracy_before,
                 100.0 * r.fit.fit_accuracy_after,
                 r.profile.display(),
