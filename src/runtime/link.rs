@@ -163,7 +163,7 @@ impl Link {
                             port.stats.heartbeats += 1;
                         }
                         seq = seq.wrapping_add(1);
-                        next_beat += opts.heartbeat;
+                        next_beat = next_heartbeat(next_beat, opts.heartbeat, Instant::now());
                     }
                     let wait = next_beat.saturating_duration_since(Instant::now());
                     match rx.recv_timeout(wait) {
@@ -214,6 +214,13 @@ pub fn serial_opener(path: String, baud: u32) -> Opener {
     })
 }
 
+/// When the heartbeat after the one due at `due` is due: a period later, but never in the past,
+/// so a link thread that stalled (a blocking write) sends one heartbeat and goes on at its pace
+/// instead of a burst that catches up.
+fn next_heartbeat(due: Instant, period: Duration, now: Instant) -> Instant {
+    (due + period).max(now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +253,17 @@ mod tests {
             .filter_map(|b| dec.push(*b))
             .map(|r| r.expect("every frame checks"))
             .collect()
+    }
+
+    #[test]
+    fn heartbeats_skip_ahead_after_a_stall() {
+        let t0 = Instant::now();
+        let p = Duration::from_millis(500);
+        assert_eq!(next_heartbeat(t0, p, t0), t0 + p);
+        // Three seconds late: the next one is due now, then every period again.
+        let late = t0 + Duration::from_secs(3);
+        assert_eq!(next_heartbeat(t0, p, late), late);
+        assert_eq!(next_heartbeat(late, p, late), late + p);
     }
 
     #[test]
