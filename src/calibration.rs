@@ -247,6 +247,52 @@ fn feature_sum(step: &mut StepModel, frames: &[Vec<u8>]) -> Result<Vec<f64>> {
     Ok(sum)
 }
 
+/// Top-1 agreement and logit cosine of two models' clip logits, accumulated clip by clip.
+#[derive(Debug, Clone)]
+pub struct AgreementTally {
+    agree: usize,
+    cos_sum: f64,
+    cos_min: f64,
+    clips: usize,
+}
+
+impl Default for AgreementTally {
+    fn default() -> Self {
+        Self {
+            agree: 0,
+            cos_sum: 0.0,
+            cos_min: f64::INFINITY,
+            clips: 0,
+        }
+    }
+}
+
+impl AgreementTally {
+    /// Add one clip's logits from the reference (`a`) and the candidate (`b`).
+    pub fn add(&mut self, a: &[f32], b: &[f32]) {
+        use pe_clip_models::prediction::argmax;
+        self.agree += (argmax(a) == argmax(b)) as usize;
+        let cs = cosine(a, b);
+        self.cos_sum += cs;
+        self.cos_min = self.cos_min.min(cs);
+        self.clips += 1;
+    }
+
+    pub fn clips(&self) -> usize {
+        self.clips
+    }
+
+    pub fn finish(&self) -> Agreement {
+        let n = self.clips.max(1) as f64;
+        Agreement {
+            clips: self.clips,
+            top1_agreement: self.agree as f64 / n,
+            logit_cosine_mean: self.cos_sum / n,
+            logit_cosine_min: if self.clips == 0 { 0.0 } else { self.cos_min },
+        }
+    }
+}
+
 /// Compare `candidate` with `reference` clip by clip through the package head.
 pub fn agreement(
     package: &Package,
@@ -255,23 +301,13 @@ pub fn agreement(
     clips: &[LoadedClip],
 ) -> Result<Agreement> {
     let head = &package.manifest.head;
-    let (mut agree, mut cos_sum, mut cos_min) = (0usize, 0f64, f64::INFINITY);
+    let mut tally = AgreementTally::default();
     for c in clips {
         let la = head.logits_of_sum(&feature_sum(reference, &c.frames)?);
         let lb = head.logits_of_sum(&feature_sum(candidate, &c.frames)?);
-        agree += (pe_clip_models::prediction::argmax(&la)
-            == pe_clip_models::prediction::argmax(&lb)) as usize;
-        let cs = cosine(&la, &lb);
-        cos_sum += cs;
-        cos_min = cos_min.min(cs);
+        tally.add(&la, &lb);
     }
-    let n = clips.len().max(1) as f64;
-    Ok(Agreement {
-        clips: clips.len(),
-        top1_agreement: agree as f64 / n,
-        logit_cosine_mean: cos_sum / n,
-        logit_cosine_min: if clips.is_empty() { 0.0 } else { cos_min },
-    })
+    Ok(tally.finish())
 }
 
 /// Through which model the int8 layers' inputs are observed.
@@ -607,7 +643,7 @@ pub fn recalibrate(dir: &Path, clips_dir: &Path, opts: &RangeOptions) -> Result<
         threshold_ratio_median: ratios[ratios.len() / 2],
         threshold_ratio_min: ratios[0],
         threshold_ratio_max: ratios[ratios.len() - 1],
-        previous_model_sha256: sha256_hex(&package.model_bytes()?),
+        previous_model_sha256: package.model_sha256().to_string(),
         check,
         created_unix: now_unix(),
     };
@@ -664,9 +700,9 @@ pub fn rollback(dir: &Path) -> Result<RollbackReport> {
         .iter()
         .map(|(f, b)| (f.as_str(), b.as_slice()))
         .collect();
-    let restored = sha256_hex(&previous.model_bytes()?);
+    let restored = previous.model_sha256().to_string();
     let replaced = match Package::open(dir) {
-        Ok(current) => Some(sha256_hex(&current.model_bytes()?)),
+        Ok(current) => Some(current.model_sha256().to_string()),
         Err(e) => {
             log::warn!("the current package is damaged ({e}); replacing it without keeping it");
             None

@@ -15,7 +15,6 @@ use std::time::Instant;
 
 use pe_clip_calibrate::calibrator::{smoothing_factors, Calibrator};
 use pe_clip_calibrate::graph::Graph;
-use pe_clip_calibrate::quant::cosine;
 use pe_clip_calibrate::ObserverKind;
 use pe_clip_models::export::{build_step_graph, BuildOptions, FoldedModel, FoldedTemporal};
 use pe_clip_models::metrics::Confusion;
@@ -161,11 +160,10 @@ pub fn fidelity(
 ) -> Result<Fidelity> {
     let mut a = load_step(reference, "f32 model")?;
     let mut b = load_step(candidate, "int8 model")?;
-    let (mut agree, mut cos_sum, mut cos_min) = (0usize, 0f64, f64::INFINITY);
+    let mut tally = crate::calibration::AgreementTally::default();
     let classes = head.text_features.len();
     let (mut ca, mut cb) = (Confusion::new(classes), Confusion::new(classes));
     let mut labelled = 0usize;
-    let mut n = 0usize;
     for c in clips {
         let frames = match clip_frames(&c.path, window, image_size) {
             Ok(f) => f,
@@ -178,30 +176,26 @@ pub fn fidelity(
         let fb = clip_features(&mut b, &frames)?;
         let la = head.logits_of_features(fa.iter().map(Vec::as_slice));
         let lb = head.logits_of_features(fb.iter().map(Vec::as_slice));
-        let (ta, tb) = (argmax(&la), argmax(&lb));
-        agree += (ta == tb) as usize;
-        let cs = cosine(&la, &lb);
-        cos_sum += cs;
-        cos_min = cos_min.min(cs);
+        tally.add(&la, &lb);
         if let Some(y) = c.label {
-            ca.add(y, ta);
-            cb.add(y, tb);
+            ca.add(y, argmax(&la));
+            cb.add(y, argmax(&lb));
             labelled += 1;
         }
-        n += 1;
     }
-    if n == 0 {
+    if tally.clips() == 0 {
         return Err(Error::Input(format!(
             "{source}: no readable clip to check fidelity on"
         )));
     }
     let uar = |c: &Confusion| (labelled > 0).then(|| c.metrics().uar);
+    let agreement = tally.finish();
     Ok(Fidelity {
         source: source.to_string(),
-        clips: n,
-        top1_agreement: agree as f64 / n as f64,
-        logit_cosine_mean: cos_sum / n as f64,
-        logit_cosine_min: cos_min,
+        clips: agreement.clips,
+        top1_agreement: agreement.top1_agreement,
+        logit_cosine_mean: agreement.logit_cosine_mean,
+        logit_cosine_min: agreement.logit_cosine_min,
         uar_f32: uar(&ca),
         uar_int8: uar(&cb),
     })

@@ -580,6 +580,17 @@ impl Package {
         }
     }
 
+    /// The model file's SHA-256 as the manifest records it (verified when the package was
+    /// opened).
+    pub fn model_sha256(&self) -> &str {
+        self.manifest
+            .checksums
+            .iter()
+            .find(|c| c.file == self.manifest.model)
+            .map(|c| c.sha256.as_str())
+            .expect("parse_manifest requires the model's checksum")
+    }
+
     /// Whether the package is the one built into the binary (it cannot be changed).
     pub fn is_embedded(&self) -> bool {
         self.embedded.is_some()

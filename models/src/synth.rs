@@ -694,7 +694,7 @@ pub fn write_dataset(out: &Path, opts: &DatasetOptions) -> Result<SynthReport> {
         "infrared": opts.clip.infrared,
         "distractors": opts.clip.distractors,
         "frames_per_clip": [opts.clip.min_frames, opts.clip.max_frames],
-        "classes": ["happiness", "sadness", "neutral", "anger", "surprise", "disgust", "fear"],
+        "classes": CLASS_NAMES,
         "aus": AUS,
         "report": report,
     });
@@ -902,6 +902,11 @@ mod tests {
         let mut rng = SeededRng::new(seed);
         let id = Identity::random(&mut rng);
         ClipSpec::random(id, label, &SynthOptions::default(), &mut rng)
+    }
+
+    #[test]
+    fn the_generator_classes_are_the_default_class_list() {
+        assert_eq!(crate::ClassSet::default().names(), CLASS_NAMES);
     }
 
     #[test]

@@ -67,12 +67,8 @@ struct DriverArgs {
     seed: u64,
     #[arg(long)]
     ir: bool,
-    #[arg(long, default_value_t = 1.0)]
-    shrinkage: f32,
-    #[arg(long, default_value_t = 0.05)]
-    bias_l2: f32,
-    #[arg(long)]
-    no_bias: bool,
+    #[command(flatten)]
+    fit: super::calibrate::FitArgs,
     #[arg(long, default_value_t = 1)]
     threads: usize,
     #[arg(long)]
@@ -223,8 +219,8 @@ fn run_driver(a: DriverArgs) -> anyhow::Result<u8> {
             test_clips: a.test_clips,
             seed: a.seed,
             infrared: a.ir,
-            shrinkage: a.shrinkage,
-            bias_l2: (!a.no_bias).then_some(a.bias_l2),
+            shrinkage: a.fit.shrinkage,
+            bias_l2: a.fit.bias(),
         },
     )?;
     if a.json {

@@ -59,22 +59,36 @@ pub struct Args {
     /// Face region of the clips, as for `pe-clip run` (full, centre, auto, x,y,w,h).
     #[arg(long, value_name = "ROI", default_value = "full")]
     roi: String,
-    /// Driver profile: prior strength of the neutral offset, in clips.
-    #[arg(long, value_name = "K", default_value_t = 1.0)]
-    shrinkage: f32,
-    /// Driver profile: L2 penalty of the class bias (fitted only with clips of two classes or
-    /// more).
-    #[arg(long, value_name = "L", default_value_t = 0.05)]
-    bias_l2: f32,
-    /// Driver profile: never fit a class bias.
-    #[arg(long)]
-    no_bias: bool,
+    #[command(flatten)]
+    fit: FitArgs,
     /// Threads for tract's matmuls.
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// How a driver profile is fitted (shared with `pe-clip bench driver`).
+#[derive(Debug, clap::Args)]
+pub(super) struct FitArgs {
+    /// Driver profile: prior strength of the neutral offset, in clips.
+    #[arg(long, value_name = "K", default_value_t = 1.0)]
+    pub shrinkage: f32,
+    /// Driver profile: L2 penalty of the class bias (fitted only with clips of two classes or
+    /// more).
+    #[arg(long, value_name = "L", default_value_t = 0.05)]
+    pub bias_l2: f32,
+    /// Driver profile: never fit a class bias.
+    #[arg(long)]
+    pub no_bias: bool,
+}
+
+impl FitArgs {
+    /// The bias penalty, `None` with --no-bias.
+    pub fn bias(&self) -> Option<f32> {
+        (!self.no_bias).then_some(self.bias_l2)
+    }
 }
 
 fn print(json: bool, value: &impl serde::Serialize, human: impl FnOnce()) {
@@ -127,8 +141,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             &DriverOptions {
                 name: name.clone(),
                 roi,
-                shrinkage: args.shrinkage,
-                bias_l2: (!args.no_bias).then_some(args.bias_l2),
+                shrinkage: args.fit.shrinkage,
+                bias_l2: args.fit.bias(),
             },
         )?;
         print(args.json, &r, || {
