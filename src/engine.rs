@@ -4,14 +4,16 @@
 
 use std::sync::Arc;
 
+use pe_clip_models::package::io::{state_input_block, state_output, FEATURE_OUTPUT, FRAME_INPUT};
 use tract_onnx::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::package::Package;
 
 /// One state input/output pair of the step model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateSlot {
-    /// `state_in.<i>` / `state_out.<i>`.
+    /// `state_in.<block>` / `state_out.<block>` (`pe_clip_models::package::io`).
     pub input: String,
     pub output: String,
     pub rows: usize,
@@ -105,8 +107,8 @@ impl StepModel {
                     .unwrap_or_else(|| model.node(o.node).name.clone())
             })
             .collect();
-        if input_names.first().map(String::as_str) != Some("frame")
-            || output_names.first().map(String::as_str) != Some("feature")
+        if input_names.first().map(String::as_str) != Some(FRAME_INPUT)
+            || output_names.first().map(String::as_str) != Some(FEATURE_OUTPUT)
         {
             return Err(Error::engine(
                 context,
@@ -128,10 +130,10 @@ impl StepModel {
         };
         let mut slots = Vec::new();
         for (k, name) in input_names.iter().enumerate().skip(1) {
-            let Some(i) = name.strip_prefix("state_in.") else {
+            let Some(block) = state_input_block(name) else {
                 return Err(Error::engine(context, format!("unexpected input {name}")));
             };
-            let out = format!("state_out.{i}");
+            let out = state_output(block);
             if !output_names.contains(&out) {
                 return Err(Error::engine(context, format!("{name} has no {out}")));
             }
@@ -151,7 +153,7 @@ impl StepModel {
             });
         }
         // Outputs in a fixed order: feature, the states in slot order, then the rest.
-        let mut outputs = vec!["feature".to_string()];
+        let mut outputs = vec![FEATURE_OUTPUT.to_string()];
         outputs.extend(slots.iter().map(|s| s.output.clone()));
         let extra: Vec<String> = output_names
             .iter()
@@ -178,12 +180,6 @@ impl StepModel {
             slots,
             extra,
         })
-    }
-
-    /// Load an ONNX file.
-    pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::from_onnx(&bytes, &path.display().to_string())
     }
 
     pub fn image_size(&self) -> usize {
@@ -304,5 +300,59 @@ impl StepModel {
     /// The runnable plan (for benchmarks that spawn their own state).
     pub fn plan(&self) -> &Arc<TypedRunnableModel> {
         &self.plan
+    }
+}
+
+/// Loading a package's step model (here rather than in `package`, which knows nothing of tract).
+impl Package {
+    /// Load the step model and check it against the manifest (input size, feature width, states).
+    pub fn step_model(&self) -> Result<StepModel> {
+        let bytes = self.model_bytes()?;
+        self.step_model_from(&bytes, &self.model_path().display().to_string())
+    }
+
+    /// Load a variant of the step model (`bytes`: e.g. with calibration taps) and check it
+    /// against the manifest like [`Package::step_model`].
+    pub fn step_model_from(&self, bytes: &[u8], context: &str) -> Result<StepModel> {
+        self.checked(StepModel::from_onnx(bytes, context)?)
+    }
+
+    fn checked(&self, model: StepModel) -> Result<StepModel> {
+        let path = self.model_path();
+        let m = &self.manifest;
+        let mismatch = |what: String| {
+            Err(Error::package(
+                &path,
+                format!("does not match the manifest: {what}"),
+            ))
+        };
+        if model.image_size() != m.preprocess.image_size {
+            return mismatch(format!(
+                "input {} px, manifest {} px",
+                model.image_size(),
+                m.preprocess.image_size
+            ));
+        }
+        if model.feature_dim() != m.head.feature_dim {
+            return mismatch(format!(
+                "feature width {}, manifest {}",
+                model.feature_dim(),
+                m.head.feature_dim
+            ));
+        }
+        let slots: Vec<(&str, usize, usize)> = model
+            .slots()
+            .iter()
+            .map(|s| (s.input.as_str(), s.rows, s.width))
+            .collect();
+        let want: Vec<(&str, usize, usize)> = m
+            .state
+            .iter()
+            .map(|s| (s.input.as_str(), s.rows, s.width))
+            .collect();
+        if slots != want {
+            return mismatch(format!("states {slots:?}, manifest {want:?}"));
+        }
+        Ok(model)
     }
 }

@@ -14,9 +14,19 @@ pub enum Error {
     /// A model package that is missing, corrupt or does not fit this build.
     #[error("model package {path}: {reason}")]
     Package { path: PathBuf, reason: String },
+    /// A package manifest that does not parse or fails validation.
+    #[error("model package {path}: {source}")]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: pe_clip_models::package::ManifestError,
+    },
     /// tract could not load or run a model.
     #[error("{context}: {message}")]
     Engine { context: String, message: String },
+    /// Loading classes, clips, datasets or model weights failed (the message names the file).
+    #[error(transparent)]
+    Models(#[from] pe_clip_models::Error),
     /// Input of the wrong size or kind.
     #[error("{0}")]
     Input(String),

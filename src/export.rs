@@ -17,18 +17,20 @@ use pe_clip_calibrate::calibrator::{smoothing_factors, Calibrator};
 use pe_clip_calibrate::graph::Graph;
 use pe_clip_calibrate::ObserverKind;
 use pe_clip_models::export::{build_step_graph, BuildOptions, FoldedModel, FoldedTemporal};
-use pe_clip_models::metrics::Confusion;
+use pe_clip_models::metrics::{AgreementTally, Confusion};
 use pe_clip_models::peclip::{PeClip, TemporalCell};
 use pe_clip_models::prediction::argmax;
 use pe_clip_models::{PixelNorm, PreprocessSpec};
 
 use crate::engine::StepModel;
 use crate::error::{Error, Result};
-use crate::frames::{clip_features, clip_frames, clip_frames_and_length};
+use crate::frames::clip_features;
+use crate::frames::clips::{clip_list_sha256, load_clip, load_clips, LabelledClip};
+use crate::frames::roi::RoiPolicy;
 use crate::package::{
-    sha256_hex, write_package, CalibrationSummary, ClassEntry, Fidelity, Head, Manifest,
-    Preprocess, Provenance, Quantization, StateEntry, Temporal, MODEL_FILE, PACKAGE_FORMAT,
-    PACKAGE_VERSION,
+    write_package, CalibrationSummary, CellKind, ClassEntry, ColorOrder, Fidelity, FrameLayout,
+    Head, Manifest, NeutralReference, Precision, Preprocess, Provenance, Quantization, Resize,
+    StateEntry, Temporal, MODEL_FILE, NEUTRAL, PACKAGE_FORMAT, PACKAGE_VERSION,
 };
 
 /// Fold `model` for frames normalised with `pixel_norm`.
@@ -39,34 +41,6 @@ pub fn fold(model: &PeClip, pixel_norm: PixelNorm) -> Result<FoldedModel> {
 /// The f32 step graph of a folded model.
 pub fn f32_graph(folded: &FoldedModel) -> Graph {
     build_step_graph(folded, &BuildOptions::default())
-}
-
-/// A clip for calibration or the fidelity check: its path and, when known, its label.
-#[derive(Debug, Clone)]
-pub struct LabelledClip {
-    pub path: PathBuf,
-    pub label: Option<usize>,
-}
-
-impl LabelledClip {
-    /// The labelled clips of one split of a dataset (any layout `dataset::load` reads).
-    pub fn from_dataset(
-        root: &Path,
-        split: pe_clip_models::dataset::Split,
-        fold: usize,
-        classes: &pe_clip_models::ClassSet,
-    ) -> Result<Vec<Self>> {
-        let data = pe_clip_models::dataset::load(root, split, fold, classes)
-            .map_err(|e| Error::Input(e.to_string()))?;
-        Ok(data
-            .samples
-            .into_iter()
-            .map(|s| Self {
-                path: s.clip,
-                label: Some(s.label),
-            })
-            .collect())
-    }
 }
 
 /// How `export` quantizes.
@@ -110,7 +84,7 @@ pub struct MatmulCount {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ExportReport {
     pub package: PathBuf,
-    pub precision: String,
+    pub precision: Precision,
     pub model_bytes: usize,
     /// Size of the f32 model of the same run (equal to `model_bytes` for an f32 export).
     pub f32_model_bytes: usize,
@@ -139,12 +113,22 @@ fn observe(g: &Graph, cal: &mut Calibrator, clips: &[Vec<Vec<u8>>], what: &str) 
     crate::calibration::observe(&mut step, cal, clips)
 }
 
-fn cell_name(c: TemporalCell) -> &'static str {
+/// The manifest's name of a recurrent cell (`None` for a block without state).
+fn cell_kind(c: TemporalCell) -> Option<CellKind> {
     match c {
-        TemporalCell::Gru => "gru",
-        TemporalCell::Lstm => "lstm",
-        TemporalCell::Rnn => "rnn",
-        TemporalCell::None => "none",
+        TemporalCell::Gru => Some(CellKind::Gru),
+        TemporalCell::Lstm => Some(CellKind::Lstm),
+        TemporalCell::Rnn => Some(CellKind::Rnn),
+        TemporalCell::None => None,
+    }
+}
+
+/// The test-time frames of clips as the step model's input (whole frames: export's clips are
+/// face crops already).
+fn spec_of(image_size: usize) -> pe_clip_models::PreprocessSpec {
+    pe_clip_models::PreprocessSpec {
+        image_size,
+        pixel_norm: PixelNorm::None,
     }
 }
 
@@ -160,15 +144,16 @@ pub fn fidelity(
 ) -> Result<Fidelity> {
     let mut a = load_step(reference, "f32 model")?;
     let mut b = load_step(candidate, "int8 model")?;
-    let mut tally = crate::calibration::AgreementTally::default();
+    let mut tally = AgreementTally::default();
     let classes = head.text_features.len();
     let (mut ca, mut cb) = (Confusion::new(classes), Confusion::new(classes));
     let mut labelled = 0usize;
+    let spec = spec_of(image_size);
     for c in clips {
-        let frames = match clip_frames(&c.path, window, image_size) {
-            Ok(f) => f,
-            Err(e) => {
-                log::warn!("fidelity check: skipping {e}");
+        let frames = match load_clip(&spec, c, window, RoiPolicy::Full)? {
+            Ok(loaded) => loaded.frames,
+            Err(why) => {
+                log::warn!("fidelity check: skipping {}: {why}", c.path.display());
                 continue;
             }
         };
@@ -189,22 +174,12 @@ pub fn fidelity(
         )));
     }
     let uar = |c: &Confusion| (labelled > 0).then(|| c.metrics().uar);
-    let agreement = tally.finish();
-    Ok(Fidelity {
-        source: source.to_string(),
-        clips: agreement.clips,
-        top1_agreement: agreement.top1_agreement,
-        logit_cosine_mean: agreement.logit_cosine_mean,
-        logit_cosine_min: agreement.logit_cosine_min,
-        uar_f32: uar(&ca),
-        uar_int8: uar(&cb),
-    })
-}
-
-fn clip_list_sha(clips: &[LabelledClip]) -> String {
-    let mut paths: Vec<String> = clips.iter().map(|c| c.path.display().to_string()).collect();
-    paths.sort();
-    sha256_hex(paths.join("\n").as_bytes())
+    Ok(Fidelity::new(
+        source.to_string(),
+        tally.finish(),
+        uar(&ca),
+        uar(&cb),
+    ))
 }
 
 /// The population's neutral reference for driver profiles: the exported model's mean per-frame
@@ -215,46 +190,32 @@ fn neutral_reference(
     model: &PeClip,
     opts: &ExportOptions,
     image_size: usize,
-) -> Result<Option<crate::package::NeutralReference>> {
-    use crate::calibration::{LoadedClip, LocalClip, NEUTRAL};
+) -> Result<Option<NeutralReference>> {
     let Some(neutral) = model.classes.classes.iter().position(|c| c.name == NEUTRAL) else {
         return Ok(None);
     };
     let calib: &[LabelledClip] = opts.int8.as_ref().map_or(&[], |q| &q.calib);
-    let pick = |clips: &[LabelledClip]| -> Vec<PathBuf> {
+    let pick = |clips: &[LabelledClip]| -> Vec<LabelledClip> {
         clips
             .iter()
             .filter(|c| c.label == Some(neutral))
-            .map(|c| c.path.clone())
+            .cloned()
             .collect()
     };
-    let (paths, source) = match pick(calib) {
+    let (clips, source) = match pick(calib) {
         p if !p.is_empty() => (p, opts.int8.as_ref().map(|q| q.calib_source.clone())),
         _ => (pick(&opts.check), Some(opts.check_source.clone())),
     };
-    let mut loaded = Vec::new();
-    for path in paths {
-        match clip_frames(&path, opts.window, image_size) {
-            Ok(frames) if !frames.is_empty() => loaded.push(LoadedClip {
-                clip: LocalClip {
-                    path,
-                    label: Some(neutral),
-                },
-                frames,
-            }),
-            Ok(_) => {}
-            Err(e) => log::warn!("neutral reference: skipping {e}"),
-        }
-    }
-    if loaded.is_empty() {
+    let loaded = load_clips(&spec_of(image_size), &clips, opts.window, RoiPolicy::Full)?;
+    if loaded.clips.is_empty() {
         return Ok(None);
     }
     let mut step = load_step(graph, "neutral reference")?;
-    let (feature, frames) = crate::calibration::neutral_mean(&mut step, &loaded)?;
-    Ok(Some(crate::package::NeutralReference {
+    let (feature, frames) = crate::calibration::neutral_mean(&mut step, &loaded.clips)?;
+    Ok(Some(NeutralReference {
         feature,
         source: format!("{} (clips labelled {NEUTRAL})", source.unwrap_or_default()),
-        clips: loaded.len(),
+        clips: loaded.clips.len(),
         frames,
     }))
 }
@@ -301,24 +262,16 @@ pub fn export(
                 ));
             }
             let t = Instant::now();
-            let mut clips = Vec::new();
-            for c in &q.calib {
-                match clip_frames_and_length(&c.path, opts.window, s) {
-                    Ok((f, n)) if !f.is_empty() => {
-                        clips.push(f);
-                        lengths.push(n);
-                    }
-                    Ok(_) => log::warn!("{}: no readable frame, skipped", c.path.display()),
-                    Err(e) => log::warn!("calibration: skipping {e}"),
-                }
-            }
-            if clips.is_empty() {
+            let loaded = load_clips(&spec_of(s), &q.calib, opts.window, RoiPolicy::Full)?;
+            if loaded.clips.is_empty() {
                 return Err(Error::Input(format!(
                     "{}: none of the {} calibration clips could be read",
                     q.calib_source,
                     q.calib.len()
                 )));
             }
+            lengths.extend(loaded.clips.iter().map(|c| c.length));
+            let clips: Vec<Vec<Vec<u8>>> = loaded.clips.into_iter().map(|c| c.frames).collect();
             let frames: usize = clips.iter().map(Vec::len).sum();
             log::info!(
                 "calibration: {} clips, {frames} frames loaded in {:.1} s",
@@ -400,7 +353,7 @@ pub fn export(
                     source: q.calib_source.clone(),
                     clips: clips.len(),
                     frames,
-                    clip_list_sha256: clip_list_sha(&q.calib),
+                    clip_list_sha256: clip_list_sha256(q.calib.iter().map(|c| c.path.as_path())),
                 },
                 fidelity: fid,
                 recalibration: None,
@@ -417,9 +370,9 @@ pub fn export(
         .collect();
     let neutral_reference = neutral_reference(&graph, model, opts, s)?;
     let precision = if quantization.is_some() {
-        "int8"
+        Precision::Int8
     } else {
-        "f32"
+        Precision::F32
     };
     let stride = opts.stride.unwrap_or_else(|| {
         lengths.sort_unstable();
@@ -440,23 +393,26 @@ pub fn export(
         .into_iter()
         .map(|(block, rows, width)| {
             let cell = match &folded.blocks[block].temporal {
-                Some(FoldedTemporal::Recurrent(t)) => cell_name(t.cell),
-                _ => "none",
-            };
-            StateEntry {
+                Some(FoldedTemporal::Recurrent(t)) => cell_kind(t.cell),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                Error::Input(format!("block {block} has state but no recurrent cell"))
+            })?;
+            Ok(StateEntry {
                 block,
-                input: pe_clip_models::export::state_in(block),
-                output: pe_clip_models::export::state_out(block),
+                input: pe_clip_models::package::io::state_input(block),
+                output: pe_clip_models::package::io::state_output(block),
                 rows,
                 width,
-                cell: cell.to_string(),
-            }
+                cell,
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let manifest = Manifest {
         format: PACKAGE_FORMAT.into(),
         version: PACKAGE_VERSION,
-        precision: precision.into(),
+        precision,
         model: MODEL_FILE.into(),
         opset: crate::onnx::OPSET,
         classes: model
@@ -471,10 +427,10 @@ pub fn export(
         head,
         preprocess: Preprocess {
             image_size: s,
-            color: "rgb".into(),
-            layout: "nhwc-u8".into(),
-            pixel_norm: preprocess.pixel_norm.to_string(),
-            resize: "bilinear (PIL-exact)".into(),
+            color: ColorOrder::Rgb,
+            layout: FrameLayout::NhwcU8,
+            pixel_norm: preprocess.pixel_norm,
+            resize: Resize::BilinearPilExact,
             face_crop: opts.face_crop.clone(),
         },
         temporal: Temporal {
@@ -490,7 +446,7 @@ pub fn export(
     write_package(out, manifest, &[(MODEL_FILE, &onnx)])?;
     Ok(ExportReport {
         package: out.to_path_buf(),
-        precision: precision.into(),
+        precision,
         model_bytes: onnx.len(),
         f32_model_bytes: f32_bytes.len(),
         matmuls,
@@ -582,7 +538,7 @@ pub(crate) mod tests {
     fn provenance() -> Provenance {
         Provenance {
             checkpoint: "test".into(),
-            checkpoint_sha256: sha256_hex(b"test"),
+            checkpoint_sha256: crate::package::sha256_hex(b"test"),
             config: serde_json::json!({}),
             source_revision: "test".into(),
             pe_clip_version: "test".into(),
@@ -650,7 +606,7 @@ pub(crate) mod tests {
             &options(None, Vec::new()),
         )
         .unwrap();
-        assert_eq!(report.precision, "f32");
+        assert_eq!(report.precision, Precision::F32);
         // The ShA down-projection is fused with the attention output, the TDA scale with its
         // down-projection: fewer MatMuls per block than the unfolded model.
         for c in &report.matmuls {
@@ -676,7 +632,10 @@ pub(crate) mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            let frames = clip_frames(&c.path, 16, 32).unwrap();
+            let frames = load_clip(&spec_of(32), c, 16, RoiPolicy::Full)
+                .unwrap()
+                .unwrap()
+                .frames;
             let feats = clip_features(&mut step, &frames).unwrap();
             let got = pkg
                 .manifest
@@ -768,7 +727,7 @@ pub(crate) mod tests {
             assert_eq!(f.clips, 6);
             assert!(f.logit_cosine_min > 0.999, "{per_channel}: {f:?}");
             let pkg = Package::open(&pkg_dir).unwrap();
-            assert_eq!(pkg.manifest.precision, "int8");
+            assert_eq!(pkg.manifest.precision, Precision::Int8);
             // The one calibration clip labelled neutral gives the neutral reference.
             let r = pkg.manifest.neutral_reference.as_ref().unwrap();
             assert_eq!((r.clips, r.frames, r.feature.len()), (1, 16, 32));
@@ -786,7 +745,7 @@ pub(crate) mod tests {
                 &crate::calibration::RangeOptions {
                     observer: None,
                     observe: crate::calibration::Observation::F32,
-                    roi: crate::runtime::roi::RoiPolicy::Full,
+                    roi: crate::frames::roi::RoiPolicy::Full,
                     check: None,
                     check_f32: None,
                 },
@@ -798,7 +757,7 @@ pub(crate) mod tests {
                 rec.threshold_ratio_min > 0.98 && rec.threshold_ratio_max < 1.02,
                 "{per_channel}: {rec:?}"
             );
-            crate::calibration::rollback(&pkg_dir).unwrap();
+            crate::package::rollback(&pkg_dir).unwrap();
             let pkg = Package::open(&pkg_dir).unwrap();
             let onnx = std::fs::read(pkg.model_path()).unwrap();
             let text = String::from_utf8_lossy(&onnx);

@@ -1,7 +1,8 @@
 //! Serialise a [`Graph`] to ONNX protobuf with tract's generated types (opset 17, IR version 8).
 //! Constants go in `raw_data` (little endian), as `onnx.checker` and both runtimes expect.
 
-use pe_clip_calibrate::graph::{Attr, Graph, Io};
+use pe_clip_calibrate::graph::{Attr, ElemType, Graph, Io};
+use pe_clip_calibrate::site::SiteNames;
 use prost::Message;
 pub use tract_onnx::pb;
 
@@ -118,9 +119,9 @@ pub fn decode(bytes: &[u8], context: &str) -> crate::error::Result<pb::ModelProt
         .map_err(|e| crate::error::Error::engine(context, format!("not an ONNX model: {e}")))
 }
 
-const FLOAT: i32 = 1;
-const INT8: i32 = 3;
-const INT32: i32 = 6;
+const FLOAT: i32 = ElemType::F32.onnx_code();
+const INT8: i32 = ElemType::I8.onnx_code();
+const INT32: i32 = ElemType::I32.onnx_code();
 
 fn graph_of(m: &pb::ModelProto) -> Result<&pb::GraphProto, String> {
     m.graph
@@ -188,9 +189,9 @@ fn f32_tensor(name: &str, dims: Vec<i64>, values: &[f32]) -> pb::TensorProto {
     }
 }
 
-/// One int8 linear layer of a step model, as `pe_clip_calibrate::graph::quantize` writes it:
-/// `QuantizeLinear(input, {name}.x_scale) → MatMulInteger({name}.weight_q) → [Add({name}.bias_q)]
-/// → Cast → Mul({name}.rescale)`.
+/// One int8 linear layer of a step model, as `pe_clip_calibrate::graph::quantize` writes it
+/// (constant names: [`SiteNames`]): `QuantizeLinear(input, x_scale) → MatMulInteger(weight_q) →
+/// [Add(bias_q)] → Cast → Mul(rescale)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantSite {
     pub name: String,
@@ -202,33 +203,63 @@ pub struct QuantSite {
 }
 
 /// The int8 linear layers of a model, in graph order. A `QuantizeLinear` whose constants are not
-/// where `quantize` puts them is an error naming it.
+/// where `quantize` puts them, or whose constants disagree in size (weight elements vs its
+/// shape, a rescale of neither 1 nor `out` values, a bias of other than `out`), is an error
+/// naming it: every index later taken from these constants is in range.
 pub fn quant_sites(m: &pb::ModelProto) -> Result<Vec<QuantSite>, String> {
     use pe_clip_calibrate::requant::SiteScales;
     let g = graph_of(m)?;
     let mut out = Vec::new();
     for node in g.node.iter().filter(|n| n.op_type == "QuantizeLinear") {
         let scale_name = node.input.get(1).cloned().unwrap_or_default();
-        let Some(name) = scale_name.strip_suffix(".x_scale") else {
+        let Some(site) = SiteNames::of_x_scale(&scale_name) else {
             return Err(format!(
                 "QuantizeLinear {:?} does not read a `.x_scale` constant (not written by pe-clip)",
                 node.name
             ));
         };
-        let need = |suffix: &str| {
-            initializer(g, &format!("{name}{suffix}"))
-                .ok_or_else(|| format!("int8 layer {name}: no constant {name}{suffix}"))
+        let name = site.layer();
+        let need = |constant: String| {
+            initializer(g, &constant)
+                .ok_or_else(|| format!("int8 layer {name}: no constant {constant}"))
         };
-        let x_scale = f32s(need(".x_scale")?)?;
-        let rescale = f32s(need(".rescale")?)?;
-        let weight = need(".weight_q")?;
-        let [in_dim, out_dim] = weight.dims[..] else {
-            return Err(format!("int8 layer {name}: weight is not 2-D"));
+        let x_scale = f32s(need(site.x_scale())?)?;
+        let rescale = f32s(need(site.rescale())?)?;
+        let weight = need(site.weight_q())?;
+        let (in_dim, out_dim) = match weight.dims[..] {
+            [i, o] if i > 0 && o > 0 => (i as usize, o as usize),
+            _ => {
+                return Err(format!(
+                    "int8 layer {name}: weight shape {:?} is not [in, out]",
+                    weight.dims
+                ))
+            }
         };
-        let bias_q = match initializer(g, &format!("{name}.bias_q")) {
+        let weight_len = weight_elements(weight)?;
+        if in_dim.checked_mul(out_dim) != Some(weight_len) {
+            return Err(format!(
+                "int8 layer {name}: weight has {weight_len} values for shape [{in_dim}, {out_dim}]"
+            ));
+        }
+        if rescale.len() != 1 && rescale.len() != out_dim {
+            return Err(format!(
+                "int8 layer {name}: rescale has {} values; expected 1 or {out_dim} (one per \
+                 output column)",
+                rescale.len()
+            ));
+        }
+        let bias_q = match initializer(g, &site.bias_q()) {
             Some(t) => Some(i32s(t)?),
             None => None,
         };
+        if let Some(b) = &bias_q {
+            if b.len() != out_dim {
+                return Err(format!(
+                    "int8 layer {name}: bias has {} values for {out_dim} output columns",
+                    b.len()
+                ));
+            }
+        }
         let scales = SiteScales {
             x_scale: x_scale.first().copied().unwrap_or(0.0),
             rescale,
@@ -240,12 +271,24 @@ pub fn quant_sites(m: &pb::ModelProto) -> Result<Vec<QuantSite>, String> {
         out.push(QuantSite {
             name: name.to_string(),
             input: node.input.first().cloned().unwrap_or_default(),
-            in_dim: in_dim.max(0) as usize,
-            out_dim: out_dim.max(0) as usize,
+            in_dim,
+            out_dim,
             scales,
         });
     }
     Ok(out)
+}
+
+/// Elements an int8 tensor holds (raw bytes, or the `int32_data` fallback).
+fn weight_elements(t: &pb::TensorProto) -> Result<usize, String> {
+    if t.data_type != INT8 {
+        return Err(format!("{} is not i8", t.name));
+    }
+    Ok(if t.raw_data.is_empty() {
+        t.int32_data.len()
+    } else {
+        t.raw_data.len()
+    })
 }
 
 /// Replace the activation-dependent constants of int8 layer `name`.
@@ -258,8 +301,8 @@ pub fn set_site_scales(
         .graph
         .as_mut()
         .ok_or_else(|| "the model has no graph".to_string())?;
-    let mut set = |suffix: &str, data: Vec<u8>, len: usize| -> Result<(), String> {
-        let full = format!("{name}{suffix}");
+    let site = SiteNames::new(name);
+    let mut set = |full: String, data: Vec<u8>, len: usize| -> Result<(), String> {
         let t = g
             .initializer
             .iter_mut()
@@ -274,15 +317,15 @@ pub fn set_site_scales(
         t.int32_data.clear();
         Ok(())
     };
-    set(".x_scale", s.x_scale.to_le_bytes().to_vec(), 1)?;
+    set(site.x_scale(), s.x_scale.to_le_bytes().to_vec(), 1)?;
     set(
-        ".rescale",
+        site.rescale(),
         s.rescale.iter().flat_map(|v| v.to_le_bytes()).collect(),
         s.rescale.len(),
     )?;
     if let Some(b) = &s.bias_q {
         set(
-            ".bias_q",
+            site.bias_q(),
             b.iter().flat_map(|v| v.to_le_bytes()).collect(),
             b.len(),
         )?;
@@ -315,7 +358,8 @@ pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, String> {
     let g = out.graph.as_mut().expect("quant_sites checked the graph");
     for site in &sites {
         let n = &site.name;
-        let xq = format!("{n}.x_q");
+        let names = SiteNames::new(n.clone());
+        let xq = names.x_q();
         let pos = g
             .node
             .iter()
@@ -338,7 +382,8 @@ pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, String> {
                 None => return Err(format!("int8 layer {n}: no {op} after {last}")),
             }
         }
-        let wq = i8s(initializer(g, &format!("{n}.weight_q")).expect("checked"))?;
+        let wq = i8s(initializer(g, &names.weight_q())
+            .ok_or_else(|| format!("int8 layer {n}: no weight"))?)?;
         let sw = site.scales.weight_scales();
         let per_col = sw.len() > 1;
         let w: Vec<f32> = wq
@@ -507,5 +552,42 @@ mod tests {
         g.node[0].input[1] = "mystery".into();
         let e = quant_sites(&m).unwrap_err();
         assert!(e.contains("not written by pe-clip"), "{e}");
+    }
+
+    /// A consistent-looking but foreign int8 model whose constants disagree in size is refused
+    /// with the layer and the sizes named, before anything indexes them (`dequantized` used to
+    /// index a short per-column rescale out of bounds).
+    #[test]
+    fn constants_of_the_wrong_size_are_refused_by_name() {
+        fn set_raw(m: &mut pb::ModelProto, name: &str, raw: Vec<u8>, dims: Vec<i64>) {
+            let g = m.graph.as_mut().unwrap();
+            let t = g.initializer.iter_mut().find(|t| t.name == name).unwrap();
+            t.raw_data = raw;
+            t.dims = dims;
+        }
+        let f32_raw = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        // `a` has 2 output columns: a 3-value per-column rescale (the wrong width).
+        let mut m = quantized(true);
+        set_raw(&mut m, "a.rescale", f32_raw(&[0.1, 0.1, 0.1]), vec![3]);
+        for e in [quant_sites(&m).unwrap_err(), dequantized(&m).unwrap_err()] {
+            assert!(
+                e.contains("int8 layer a") && e.contains("rescale has 3"),
+                "{e}"
+            );
+        }
+        // `b` has 1 output column and 2 inputs: a weight with one value missing.
+        let mut m = quantized(false);
+        set_raw(&mut m, "b.weight_q", vec![1], vec![2, 1]);
+        let e = dequantized(&m).unwrap_err();
+        assert!(e.contains("int8 layer b") && e.contains("1 values"), "{e}");
+        // A bias longer than the output.
+        let mut m = quantized(false);
+        set_raw(&mut m, "a.bias_q", vec![0; 12], vec![3]);
+        let e = quant_sites(&m).unwrap_err();
+        assert!(e.contains("bias has 3 values for 2"), "{e}");
+        // A weight that is not 2-D.
+        let mut m = quantized(false);
+        set_raw(&mut m, "a.weight_q", vec![0; 6], vec![6]);
+        assert!(quant_sites(&m).unwrap_err().contains("not [in, out]"));
     }
 }

@@ -24,7 +24,7 @@ pub enum ElemType {
 
 impl ElemType {
     /// The `TensorProto.DataType` code.
-    pub fn onnx_code(self) -> i32 {
+    pub const fn onnx_code(self) -> i32 {
         match self {
             ElemType::F32 => 1,
             ElemType::U8 => 2,
@@ -32,6 +32,13 @@ impl ElemType {
             ElemType::I32 => 6,
             ElemType::I64 => 7,
         }
+    }
+
+    /// The element type of a `TensorProto.DataType` code, if it is one of these.
+    pub fn from_onnx_code(code: i32) -> Option<Self> {
+        [Self::F32, Self::U8, Self::I8, Self::I32, Self::I64]
+            .into_iter()
+            .find(|t| t.onnx_code() == code)
     }
 }
 
@@ -581,25 +588,21 @@ pub fn quantize(
             None => layer.matmul_out.clone(),
         };
         let n = &layer.name;
+        let names = crate::site::SiteNames::new(n.clone());
         g.constants[wi] = Constant {
-            name: format!("{n}.weight_q"),
+            name: names.weight_q(),
             dims: g.constants[wi].dims.clone(),
             data: Data::I8(wq),
         };
         let push = |g: &mut Graph, name: String, dims: Vec<usize>, data: Data| {
             g.constants.push(Constant { name, dims, data });
         };
-        push(
-            &mut g,
-            format!("{n}.x_scale"),
-            Vec::new(),
-            Data::F32(vec![sx]),
-        );
+        push(&mut g, names.x_scale(), Vec::new(), Data::F32(vec![sx]));
         let rescale: Vec<f32> = sw.iter().map(|s| s * sx).collect();
         let rescale_dims = if per_channel { vec![n_out] } else { Vec::new() };
         push(
             &mut g,
-            format!("{n}.rescale"),
+            names.rescale(),
             rescale_dims,
             Data::F32(rescale.clone()),
         );
@@ -610,22 +613,17 @@ pub fn quantize(
             outputs: vec![output.to_string()],
             attrs,
         };
-        let (xq, acc, accb, accf) = (
-            format!("{n}.x_q"),
-            format!("{n}.acc"),
-            format!("{n}.acc_bias"),
-            format!("{n}.acc_f32"),
-        );
+        let (xq, acc, accb, accf) = (names.x_q(), names.acc(), names.acc_bias(), names.acc_f32());
         let mut replacement = vec![
             node(
                 "QuantizeLinear",
-                vec![layer.input.clone(), format!("{n}.x_scale"), zp.clone()],
+                vec![layer.input.clone(), names.x_scale(), zp.clone()],
                 &xq,
                 Vec::new(),
             ),
             node(
                 "MatMulInteger",
-                vec![xq.clone(), format!("{n}.weight_q"), zp.clone(), zp.clone()],
+                vec![xq.clone(), names.weight_q(), zp.clone(), zp.clone()],
                 &acc,
                 Vec::new(),
             ),
@@ -643,10 +641,10 @@ pub fn quantize(
                         as i32
                 })
                 .collect();
-            push(&mut g, format!("{n}.bias_q"), vec![n_out], Data::I32(bq));
+            push(&mut g, names.bias_q(), vec![n_out], Data::I32(bq));
             replacement.push(node(
                 "Add",
-                vec![acc.clone(), format!("{n}.bias_q")],
+                vec![acc.clone(), names.bias_q()],
                 &accb,
                 Vec::new(),
             ));
@@ -660,7 +658,7 @@ pub fn quantize(
         ));
         replacement.push(node(
             "Mul",
-            vec![accf.clone(), format!("{n}.rescale")],
+            vec![accf.clone(), names.rescale()],
             &final_out,
             Vec::new(),
         ));

@@ -29,6 +29,7 @@ pub mod observer;
 pub mod profile;
 pub mod quant;
 pub mod requant;
+pub mod site;
 
 pub use observer::{Observer, ObserverKind};
 pub use quant::{dequantize, quantize_per_channel, quantize_per_tensor, QuantTensor};

@@ -41,8 +41,10 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// Sadness, anger, disgust and fear (classes 1, 3, 5, 6 of the reference order) at 60 %,
-    /// held 2 s; link lost after 3 s of silence.
+    /// [`NEGATIVE_CLASSES`] at their places in the reference class order (happiness, sadness,
+    /// neutral, anger, surprise, disgust, fear: bits 1, 3, 5, 6) at 60 %, held 2 s; link lost
+    /// after 3 s of silence. A camera loop whose model orders its classes otherwise sends
+    /// [`Config::for_classes`] instead.
     fn default() -> Self {
         Self {
             negative_classes: (1 << 1) | (1 << 3) | (1 << 5) | (1 << 6),
@@ -50,6 +52,41 @@ impl Default for Config {
             hold_ms: 2000,
             heartbeat_timeout_ms: 3000,
         }
+    }
+}
+
+/// The class names that count as negative expressions (compared without case).
+pub const NEGATIVE_CLASSES: [&str; 4] = ["sadness", "anger", "disgust", "fear"];
+
+/// A negative class the 16-bit class mask cannot hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassOutOfMask {
+    /// Its index in the model's class order.
+    pub index: usize,
+}
+
+impl Config {
+    /// The default settings with `negative_classes` taken from the model's class names, in the
+    /// order of its logits: bit `i` is set when class `i` is one of [`NEGATIVE_CLASSES`].
+    pub fn for_classes<'a>(
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, ClassOutOfMask> {
+        let mut mask = 0u16;
+        for (index, name) in names.into_iter().enumerate() {
+            if NEGATIVE_CLASSES
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(name))
+            {
+                if index >= 16 {
+                    return Err(ClassOutOfMask { index });
+                }
+                mask |= 1 << index;
+            }
+        }
+        Ok(Self {
+            negative_classes: mask,
+            ..Self::default()
+        })
     }
 }
 
@@ -254,6 +291,49 @@ mod tests {
     }
 
     /// The bytes of every message, as documented in PROTOCOL.md (which this test also reads).
+    #[test]
+    fn the_negative_mask_follows_the_class_names_not_their_positions() {
+        let reference = [
+            "happiness",
+            "sadness",
+            "neutral",
+            "anger",
+            "surprise",
+            "disgust",
+            "fear",
+        ];
+        assert_eq!(Config::for_classes(reference), Ok(Config::default()));
+        // The same classes in another order: the bits move with the names.
+        let permuted = [
+            "Fear",
+            "neutral",
+            "happiness",
+            "surprise",
+            "anger",
+            "sadness",
+            "disgust",
+        ];
+        let c = Config::for_classes(permuted).unwrap();
+        assert_eq!(
+            c.negative_classes,
+            (1 << 0) | (1 << 4) | (1 << 5) | (1 << 6)
+        );
+        assert_eq!(c.threshold_permille, Config::default().threshold_permille);
+        // No negative class at all: nothing ever alerts.
+        assert_eq!(
+            Config::for_classes(["calm", "happy"])
+                .unwrap()
+                .negative_classes,
+            0
+        );
+        // A negative class beyond the 16-bit mask is refused, not silently dropped.
+        let many: Vec<&str> = core::iter::repeat_n("other", 16).chain(["anger"]).collect();
+        assert_eq!(
+            Config::for_classes(many.iter().copied()),
+            Err(ClassOutOfMask { index: 16 })
+        );
+    }
+
     #[test]
     fn golden_bytes() {
         // From firmware/tools/protocol_golden.py (postcard by hand, zlib CRC-32, COBS by hand).

@@ -12,6 +12,7 @@ pub mod dataset;
 pub mod error;
 pub mod io;
 pub mod metrics;
+pub mod package;
 pub mod prediction;
 pub mod preprocess;
 pub mod report;

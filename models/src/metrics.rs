@@ -73,6 +73,52 @@ impl Confusion {
     }
 }
 
+/// Top-1 agreement and logit cosine of two models' clip logits, accumulated clip by clip.
+#[derive(Debug, Clone)]
+pub struct AgreementTally {
+    agree: usize,
+    cos_sum: f64,
+    cos_min: f64,
+    clips: usize,
+}
+
+impl Default for AgreementTally {
+    fn default() -> Self {
+        Self {
+            agree: 0,
+            cos_sum: 0.0,
+            cos_min: f64::INFINITY,
+            clips: 0,
+        }
+    }
+}
+
+impl AgreementTally {
+    /// Add one clip's logits from the reference (`a`) and the candidate (`b`).
+    pub fn add(&mut self, a: &[f32], b: &[f32]) {
+        use crate::prediction::argmax;
+        self.agree += (argmax(a) == argmax(b)) as usize;
+        let cs = pe_clip_calibrate::quant::cosine(a, b);
+        self.cos_sum += cs;
+        self.cos_min = self.cos_min.min(cs);
+        self.clips += 1;
+    }
+
+    pub fn clips(&self) -> usize {
+        self.clips
+    }
+
+    pub fn finish(&self) -> crate::package::Agreement {
+        let n = self.clips.max(1) as f64;
+        crate::package::Agreement {
+            clips: self.clips,
+            top1_agreement: self.agree as f64 / n,
+            logit_cosine_mean: self.cos_sum / n,
+            logit_cosine_min: if self.clips == 0 { 0.0 } else { self.cos_min },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

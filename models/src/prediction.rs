@@ -34,12 +34,13 @@ impl Prediction {
     }
 }
 
-/// Numerically stable softmax of a slice.
+/// Softmax of a slice, stable for any finite logits (the maximum is subtracted) and accumulated
+/// in f64 (the runtime's probabilities and every command's agree to the last digit).
 pub fn softmax(x: &[f32]) -> Vec<f32> {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
-    let s: f32 = e.iter().sum();
-    e.iter().map(|v| v / s).collect()
+    let e: Vec<f64> = x.iter().map(|v| ((v - max) as f64).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|v| (v / s) as f32).collect()
 }
 
 /// Index of the largest value (the first one on ties).

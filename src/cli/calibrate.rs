@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use crate::calibration::{self, DriverOptions, RangeOptions};
-use crate::runtime::roi::RoiPolicy;
+use crate::frames::roi::RoiPolicy;
 
 /// Arguments of `pe-clip calibrate`.
 #[derive(Debug, clap::Args)]
@@ -107,7 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let roi: RoiPolicy = args.roi.parse()?;
     let dir = &args.package;
     if args.rollback {
-        let r = calibration::rollback(dir)?;
+        let r = crate::package::rollback(dir)?;
         print(args.json, &r, || {
             println!(
                 "{}: previous version restored (model {}); the replaced one is now previous/",

@@ -8,7 +8,7 @@ pub struct Args {
     /// A run directory.
     #[arg(long, value_name = "RUN_DIR")]
     checkpoint: PathBuf,
-    /// Dataset root (DFEW, FERV39K or a manifest; see README).
+    /// Dataset root (DFEW, FERV39K or a manifest; see docs/training.md).
     #[arg(long)]
     data: PathBuf,
     /// Which split: train or test.

@@ -63,8 +63,8 @@ fn collect_clips(
     fold: usize,
     classes: &pe_clip_models::ClassSet,
     limit: usize,
-) -> anyhow::Result<(Vec<crate::export::LabelledClip>, String)> {
-    use crate::export::LabelledClip;
+) -> anyhow::Result<(Vec<crate::frames::clips::LabelledClip>, String)> {
+    use crate::frames::clips::LabelledClip;
     use anyhow::Context;
     use pe_clip_models::dataset;
     let mut clips: Vec<LabelledClip> = match dataset::detect_layout(root) {

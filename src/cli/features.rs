@@ -19,7 +19,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    use crate::frames::{clip_features, clip_frames};
+    use crate::frames::clip_features;
+    use crate::frames::clips::{load_clip, LabelledClip};
+    use crate::frames::roi::RoiPolicy;
     use crate::package::Package;
 
     crate::engine::set_threads(args.threads);
@@ -27,17 +29,24 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let mut model = pkg.step_model()?;
     let m = &pkg.manifest;
     let names = pkg.class_names();
+    let spec = pkg.preprocess_spec();
     let mut failed = 0usize;
     for clip in &args.clips {
         let result = (|| -> anyhow::Result<serde_json::Value> {
-            let frames = clip_frames(clip, m.temporal.window, m.preprocess.image_size)?;
+            let clip = LabelledClip {
+                path: clip.clone(),
+                label: None,
+            };
+            let frames = load_clip(&spec, &clip, m.temporal.window, RoiPolicy::Full)?
+                .map_err(anyhow::Error::msg)?
+                .frames;
             let features = clip_features(&mut model, &frames)?;
             let logits = m
                 .head
                 .logits_of_features(features.iter().map(Vec::as_slice));
             let best = pe_clip_models::prediction::argmax(&logits);
             Ok(serde_json::json!({
-                "clip": clip.display().to_string(),
+                "clip": clip.path.display().to_string(),
                 "frames": frames.len(),
                 "features": features,
                 "logits": logits,

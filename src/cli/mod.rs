@@ -1,7 +1,7 @@
 //! Command-line parsing, logging and exit codes. Each subcommand has its own module; clap types
 //! stay in this module tree and never reach library code.
 
-mod bench;
+pub mod bench;
 mod calibrate;
 mod eval;
 mod export;

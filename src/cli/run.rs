@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::frames::roi::RoiPolicy;
+use crate::frames::source::{
+    FolderSource, FrameSource, SourceSpec, SynthSource, SynthStreamOptions, Y4mSource,
+};
 use crate::package::Package;
 use crate::runtime::events::{Event, JsonLines};
 use crate::runtime::gpio::{output_pin, GpioLine, LocalAlert, NoBuzzer, PinDuty};
-use crate::runtime::link::{expression, serial_opener, Link, LinkOptions};
-use crate::runtime::roi::RoiPolicy;
+use crate::runtime::link::{controller_config, expression, serial_opener, Link, LinkOptions};
 use crate::runtime::smooth::Smoothing;
-use crate::runtime::source::{
-    FolderSource, FrameSource, SourceSpec, SynthSource, SynthStreamOptions, Y4mSource,
-};
 use crate::runtime::stats::StatsReport;
 use crate::runtime::{self, RunConfig, RunSummary, Sink};
 
@@ -164,8 +164,8 @@ fn camera_source(p: &Path, _args: &Args) -> anyhow::Result<Box<dyn FrameSource>>
 
 #[cfg(feature = "camera")]
 fn camera_source(p: &Path, args: &Args) -> anyhow::Result<Box<dyn FrameSource>> {
-    use crate::runtime::camera::v4l2::{CameraOptions, V4l2Camera};
-    use crate::runtime::camera::{Backoff, CameraSource, PixelFormat};
+    use crate::frames::camera::v4l2::{CameraOptions, V4l2Camera};
+    use crate::frames::camera::{Backoff, CameraSource, PixelFormat};
     let (width, height) = args
         .camera_size
         .split_once('x')
@@ -350,7 +350,7 @@ fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
     if let Some(s) = args.stride {
         cfg.stride = s;
     } else if let Some(f) = args.fps {
-        let src = source.fps().unwrap_or(runtime::source::DEFAULT_FPS);
+        let src = source.fps().unwrap_or(crate::frames::source::DEFAULT_FPS);
         anyhow::ensure!(f > 0.0, "--fps {f}: must be positive");
         cfg.stride = ((src / f).round() as usize).max(1);
     }
@@ -405,14 +405,17 @@ fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
             Some(path) => Some(Link::start(
                 path,
                 serial_opener(path.clone(), args.baud),
-                LinkOptions::default(),
+                LinkOptions {
+                    config: controller_config(&package.class_names())?,
+                    ..LinkOptions::default()
+                },
             )?),
             None => None,
         },
         alert: match &args.gpio {
             Some(led) => {
                 let led = output_pin(&led.parse::<GpioLine>()?)?;
-                let config = LinkOptions::default().config;
+                let config = controller_config(&package.class_names())?;
                 Some(match &args.gpio_buzzer {
                     Some(b) => {
                         let buzzer = PinDuty(output_pin(&b.parse::<GpioLine>()?)?);

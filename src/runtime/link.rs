@@ -37,6 +37,19 @@ impl Default for LinkOptions {
     }
 }
 
+/// The alert controller's configuration for a model with classes `classes` (logit order): the
+/// negative-class mask is derived from the class names (`protocol::NEGATIVE_CLASSES`), so a
+/// package with another class order alerts on the same expressions.
+pub fn controller_config(classes: &[String]) -> crate::error::Result<Config> {
+    Config::for_classes(classes.iter().map(String::as_str)).map_err(|e| {
+        crate::error::Error::Input(format!(
+            "class {:?} (index {}) counts as negative, but the alert link's class mask holds \
+             classes 0 to 15 only",
+            classes[e.index], e.index
+        ))
+    })
+}
+
 /// What the link did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinkStats {
@@ -362,9 +375,9 @@ mod tests {
 #[cfg(test)]
 mod end_to_end {
     use super::*;
+    use crate::frames::source::{SynthSource, SynthStreamOptions};
     use crate::package::Package;
     use crate::runtime::events::Event;
-    use crate::runtime::source::{SynthSource, SynthStreamOptions};
     use crate::runtime::{run, RunConfig};
     use pe_clip_firmware::controller::{AlertController, Mode};
     use std::convert::Infallible;
@@ -447,8 +460,12 @@ mod end_to_end {
 
     /// Feed timed messages through bytes (corrupting every `corrupt_every`-th frame, 0: none)
     /// to a controller; returns its mode after each message and what was accepted.
-    fn drive(msgs: &[(u32, Message)], corrupt_every: usize) -> (Vec<Mode>, usize, usize) {
-        let mut ctl = AlertController::new(Led::default(), Buzzer::default(), Config::default());
+    fn drive(
+        msgs: &[(u32, Message)],
+        corrupt_every: usize,
+        config: Config,
+    ) -> (Vec<Mode>, usize, usize) {
+        let mut ctl = AlertController::new(Led::default(), Buzzer::default(), config);
         let mut dec = protocol::Decoder::new();
         let (mut modes, mut accepted, mut rejected) = (Vec::new(), 0, 0);
         let mut rng = 0x2545_f491_u64;
@@ -491,7 +508,8 @@ mod end_to_end {
     fn events_through_a_corrupting_pipe_drive_the_controller_like_a_clean_one() {
         let (events, classes) = events();
         let msgs = wire(&events, &classes);
-        let (clean, ok_clean, bad_clean) = drive(&msgs, 0);
+        let config = controller_config(&classes).unwrap();
+        let (clean, ok_clean, bad_clean) = drive(&msgs, 0, config);
         assert_eq!((ok_clean, bad_clean), (msgs.len(), 0));
         let levels: Vec<u8> = clean
             .iter()
@@ -507,7 +525,7 @@ mod end_to_end {
         assert_eq!(levels.last(), Some(&0), "{levels:?}");
         // Every 10th frame corrupted: those are rejected, the rest accepted unchanged, and the
         // controller follows the clean run on nearly every message.
-        let (noisy, ok, bad) = drive(&msgs, 10);
+        let (noisy, ok, bad) = drive(&msgs, 10, config);
         assert_eq!(ok, msgs.len() - msgs.len() / 10);
         assert!(bad >= msgs.len() / 10);
         let same = clean.iter().zip(&noisy).filter(|(a, b)| a == b).count();
@@ -516,5 +534,35 @@ mod end_to_end {
             "{same} of {} states agree",
             clean.len()
         );
+    }
+
+    /// A package whose classes come in another order alerts on the same expressions: the
+    /// controller's negative-class mask follows the class names, not fixed indices.
+    #[test]
+    fn a_permuted_class_order_alerts_on_the_same_expressions() {
+        let (events, classes) = events();
+        let reference = drive(
+            &wire(&events, &classes),
+            0,
+            controller_config(&classes).unwrap(),
+        )
+        .0;
+        // The same model with its classes listed in another order (logits permuted alike).
+        let mut permuted = classes.clone();
+        permuted.rotate_left(3);
+        let msgs = wire(&events, &permuted);
+        let derived = drive(&msgs, 0, controller_config(&permuted).unwrap()).0;
+        assert_eq!(derived, reference);
+        // The fixed mask of the reference order would alert on other classes here.
+        let fixed = drive(&msgs, 0, Config::default()).0;
+        assert_ne!(fixed, reference);
+    }
+
+    #[test]
+    fn a_negative_class_past_the_mask_is_a_clear_error() {
+        let mut classes: Vec<String> = (0..16).map(|i| format!("c{i}")).collect();
+        classes.push("anger".into());
+        let e = controller_config(&classes).unwrap_err().to_string();
+        assert!(e.contains("\"anger\" (index 16)"), "{e}");
     }
 }

@@ -7,14 +7,11 @@
 //! emits events. A live source (camera) never waits for the model: when the queue is full the
 //! sampled frame is dropped and counted. File sources wait, so every frame is used.
 
-pub mod camera;
 pub mod events;
 pub mod gpio;
 pub mod link;
 pub mod plot;
-pub mod roi;
 pub mod smooth;
-pub mod source;
 pub mod stats;
 pub mod stream;
 
@@ -23,15 +20,15 @@ use std::sync::mpsc::{self, RecvTimeoutError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pe_clip_models::{PixelNorm, PreprocessSpec};
+use pe_clip_models::PreprocessSpec;
 
 use crate::engine::StepModel;
 use crate::error::{Error, Result};
+use crate::frames::roi::{self, AutoRoiOptions, RoiPolicy, RoiTracker};
+use crate::frames::source::{FrameSource, Item};
 use crate::package::Package;
 use events::Event;
-use roi::{AutoRoiOptions, RoiPolicy, RoiTracker};
 use smooth::{Smoother, Smoothing};
-use source::{FrameSource, Item};
 use stats::{RunStats, StatsReport};
 use stream::{Streamer, Windowing};
 
@@ -125,14 +122,6 @@ struct Counters {
     corrupt: AtomicU64,
 }
 
-/// The preprocessing spec of a package (its size; normalisation happens inside the model).
-pub fn preprocess_spec(package: &Package) -> PreprocessSpec {
-    PreprocessSpec {
-        image_size: package.manifest.preprocess.image_size,
-        pixel_norm: PixelNorm::None,
-    }
-}
-
 fn reader(
     mut source: Box<dyn FrameSource>,
     cfg: RunConfig,
@@ -216,7 +205,7 @@ pub fn run(
     let classes = package.class_names();
     let mut streamer = Streamer::new(model, package.manifest.head.clone(), cfg.windowing)?;
     if let Some(p) = &cfg.driver {
-        p.validate(&crate::calibration::model_binding(package))
+        p.validate(&package.model_binding())
             .map_err(|e| Error::Input(format!("driver profile {}: {e}", p.name)))?;
         log::info!("driver profile {} ({})", p.name, p.method);
         streamer = streamer.with_correction(p.correction());
@@ -239,7 +228,7 @@ pub fn run(
     );
     let counters = Arc::new(Counters::default());
     let (tx, rx) = mpsc::sync_channel(cfg.queue.max(1));
-    let spec = preprocess_spec(package);
+    let spec = package.preprocess_spec();
     let reader_handle = {
         let (cfg, counters, stop) = (cfg.clone(), counters.clone(), stop.clone());
         std::thread::Builder::new()
@@ -315,9 +304,9 @@ pub fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::source::{FolderSource, SynthSource, SynthStreamOptions};
     use super::*;
     use crate::frames::clip_features;
+    use crate::frames::source::{self, FolderSource, SynthSource, SynthStreamOptions};
 
     fn synth(size: u32, frames: u64) -> SynthStreamOptions {
         SynthStreamOptions {
@@ -358,7 +347,7 @@ mod tests {
         let mut model = package.step_model().unwrap();
         let size = package.manifest.preprocess.image_size as u32;
         let head = &package.manifest.head;
-        let spec = preprocess_spec(package);
+        let spec = package.preprocess_spec();
         let stride = 2u64;
         let total = 88u64;
         // The sampled frames, independently of the runtime: every 2nd frame, whole frame.
@@ -425,7 +414,7 @@ mod tests {
     fn exact_windows_match_offline_f32_package() {
         let dir = tempfile::tempdir().unwrap();
         let package = crate::export::tests::tiny_f32_package(&dir.path().join("pkg"), 3);
-        assert_eq!(package.manifest.precision, "f32");
+        assert_eq!(package.manifest.precision, crate::package::Precision::F32);
         exact_windows_match_offline(&package);
     }
 

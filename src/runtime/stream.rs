@@ -76,14 +76,6 @@ struct Chain {
     count: usize,
 }
 
-/// Softmax of logits.
-pub fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f64> = logits.iter().map(|l| ((l - max) as f64).exp()).collect();
-    let s: f64 = e.iter().sum();
-    e.iter().map(|v| (v / s) as f32).collect()
-}
-
 /// The streaming state: chains, the recent sampled frames' indices and (continuous mode) the
 /// last `window` features. An explicit value, owned by the caller.
 pub struct Streamer {
@@ -143,7 +135,7 @@ impl Streamer {
             Some(c) => c.logits(&self.head.text_features, self.head.logit_scale, sum, frames),
             None => self.head.logits_of_sum(sum),
         };
-        let probs = softmax(&logits);
+        let probs = pe_clip_models::prediction::softmax(&logits);
         let (first_frame, _) = self.recent[self.recent.len() - frames.min(self.recent.len())];
         let &(frame, t_ms) = self.recent.back().expect("a frame was pushed");
         Prediction {

@@ -9,22 +9,8 @@ use pe_clip_calibrate::graph::{Data, ElemType, Graph, LinearOpts};
 
 use super::fold::{FoldedModel, FoldedTemporal, Norm};
 use crate::clip::HiddenAct;
+use crate::package::io::{state_input, state_output, FEATURE_OUTPUT, FRAME_INPUT};
 use crate::peclip::{ScaleAt, TemporalCell};
-
-/// Name of the frame input.
-pub const FRAME_INPUT: &str = "frame";
-/// Name of the feature output.
-pub const FEATURE_OUTPUT: &str = "feature";
-
-/// The state input of block `i`.
-pub fn state_in(i: usize) -> String {
-    format!("state_in.{i}")
-}
-
-/// The state output of block `i`.
-pub fn state_out(i: usize) -> String {
-    format!("state_out.{i}")
-}
 
 /// How the graph is built.
 #[derive(Debug, Clone, Default)]
@@ -237,7 +223,7 @@ pub fn build_step_graph(m: &FoldedModel, opts: &BuildOptions) -> Graph {
                 } else {
                     hdim
                 };
-                let st = b.g.input(&state_in(i), ElemType::F32, &[r, width]);
+                let st = b.g.input(&state_input(i), ElemType::F32, &[r, width]);
                 let h_prev = if t.cell == TemporalCell::Lstm {
                     b.cols(&st, 0, hdim)
                 } else {
@@ -292,7 +278,7 @@ pub fn build_step_graph(m: &FoldedModel, opts: &BuildOptions) -> Graph {
                     }
                     TemporalCell::None => unreachable!("a cell-less TDA folds to Plain"),
                 };
-                state_outputs.push((state, state_out(i), vec![r, width]));
+                state_outputs.push((state, state_output(i), vec![r, width]));
                 let hs = if t.scale_at == ScaleAt::GruOutput {
                     b.g.mul(&h_new, &sc)
                 } else {

@@ -6,4 +6,4 @@ pub mod fold;
 pub mod graph;
 
 pub use fold::{FoldedModel, FoldedTemporal, Norm};
-pub use graph::{build_step_graph, state_in, state_out, BuildOptions, FEATURE_OUTPUT, FRAME_INPUT};
+pub use graph::{build_step_graph, BuildOptions};

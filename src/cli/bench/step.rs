@@ -1,0 +1,294 @@
+//! `pe-clip bench step`: per-frame step latency of model packages in tract.
+
+#[derive(Debug, clap::Args)]
+pub(super) struct StepArgs {
+    /// A package to time (repeatable).
+    #[arg(long = "package", value_name = "PACKAGE_DIR")]
+    packages: Vec<std::path::PathBuf>,
+    /// Instead: export this shape (tiny, vit-b16, vit-b32) with random weights as f32 and as int8
+    /// (calibrated on generated synthetic clips) and time both.
+    #[arg(long, conflicts_with = "packages")]
+    arch: Option<String>,
+    /// With --arch: write the two packages here (default: a temporary directory).
+    #[arg(long, requires = "arch")]
+    keep: Option<std::path::PathBuf>,
+    /// With --arch: int8 export options as `pe-clip export` takes them.
+    #[arg(long, default_value_t = 0.5)]
+    smooth_alpha: f32,
+    #[arg(long)]
+    per_channel: bool,
+    /// Timed steps per package and thread count (after 3 warm-up steps).
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Also print where the time of one step goes, per operator (1 thread).
+    #[arg(long)]
+    profile: bool,
+    /// Thread counts for tract's matmuls.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Latency of one package at one thread count.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(super) struct StepTiming {
+    package: String,
+    precision: String,
+    model_bytes: u64,
+    threads: usize,
+    steps: usize,
+    median_ms: f64,
+    p90_ms: f64,
+    min_ms: f64,
+}
+
+/// A package, its step model with tract on `threads` threads, and a fixed test frame.
+fn load_for_timing(
+    dir: &std::path::Path,
+    threads: usize,
+) -> anyhow::Result<(crate::package::Package, crate::engine::StepModel, Vec<u8>)> {
+    crate::engine::set_threads(threads);
+    let pkg = crate::package::Package::open(dir)?;
+    let model = pkg.step_model()?;
+    let s = model.image_size();
+    let frame = (0..s * s * 3)
+        .map(|i| ((i * 37 + i / 7) % 251) as u8)
+        .collect();
+    Ok((pkg, model, frame))
+}
+
+fn time_package(dir: &std::path::Path, threads: usize, steps: usize) -> anyhow::Result<StepTiming> {
+    let (pkg, mut model, frame) = load_for_timing(dir, threads)?;
+    let mut state = model.zero_state();
+    for _ in 0..3 {
+        model.step(&frame, &mut state)?;
+    }
+    let mut ms = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = std::time::Instant::now();
+        model.step(&frame, &mut state)?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    let bytes = std::fs::metadata(pkg.model_path())?.len();
+    Ok(StepTiming {
+        package: dir.display().to_string(),
+        precision: pkg.manifest.precision.to_string(),
+        model_bytes: bytes,
+        threads,
+        steps,
+        median_ms: ms[ms.len() / 2],
+        p90_ms: ms[(ms.len() * 9 / 10).min(ms.len() - 1)],
+        min_ms: ms[0],
+    })
+}
+
+pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
+    if a.steps == 0 || a.threads.contains(&0) {
+        anyhow::bail!("--steps and --threads must be at least 1");
+    }
+    let _tmp;
+    let packages = match &a.arch {
+        Some(arch) => {
+            let dir = match &a.keep {
+                Some(d) => d.clone(),
+                None => {
+                    _tmp = tempfile::tempdir()?;
+                    _tmp.path().to_path_buf()
+                }
+            };
+            export_random(arch, &dir, a.smooth_alpha, a.per_channel)?
+        }
+        None if a.packages.is_empty() => anyhow::bail!("give --package DIR or --arch ARCH"),
+        None => a.packages.clone(),
+    };
+    if a.profile {
+        for p in &packages {
+            let (pkg, mut model, frame) = load_for_timing(p, 1)?;
+            let mut state = model.zero_state();
+            model.step(&frame, &mut state)?;
+            let ops = model.profile_step(&frame, &mut state)?;
+            let total: f64 = ops.iter().map(|o| o.1).sum();
+            eprintln!(
+                "{} ({}): {total:.1} ms per step by operator",
+                p.display(),
+                pkg.manifest.precision
+            );
+            for (op, ms) in ops.iter().take(12) {
+                eprintln!("  {ms:8.2} ms  {:5.1} %  {op}", 100.0 * ms / total);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for p in &packages {
+        for &t in &a.threads {
+            let r = time_package(p, t, a.steps)?;
+            if !a.json {
+                println!(
+                    "{} ({}, {:.1} MB): {} thread(s): median {:.2} ms, p90 {:.2} ms, min {:.2} ms",
+                    r.package,
+                    r.precision,
+                    r.model_bytes as f64 / 1e6,
+                    r.threads,
+                    r.median_ms,
+                    r.p90_ms,
+                    r.min_ms
+                );
+            }
+            rows.push(r);
+        }
+    }
+    // With one f32 and one int8 package: the ratios the export targets.
+    let f32_rows: Vec<&StepTiming> = rows.iter().filter(|r| r.precision == "f32").collect();
+    let int8_rows: Vec<&StepTiming> = rows.iter().filter(|r| r.precision == "int8").collect();
+    let mut ratios = Vec::new();
+    if let (Some(f), Some(q)) = (f32_rows.first(), int8_rows.first()) {
+        let size = q.model_bytes as f64 / f.model_bytes as f64;
+        let speed: Vec<(usize, f64)> = a
+            .threads
+            .iter()
+            .filter_map(|&t| {
+                let f = f32_rows.iter().find(|r| r.threads == t)?;
+                let q = int8_rows.iter().find(|r| r.threads == t)?;
+                Some((t, f.median_ms / q.median_ms))
+            })
+            .collect();
+        if !a.json {
+            let sp: Vec<String> = speed
+                .iter()
+                .map(|(t, x)| format!("{x:.2}x at {t} thread(s)"))
+                .collect();
+            println!(
+                "int8 / f32 size {:.1} %; int8 speed-up {}",
+                size * 100.0,
+                sp.join(", ")
+            );
+        }
+        ratios.push(serde_json::json!({"int8_over_f32_size": size, "int8_speedup": speed}));
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"bench": "step", "arch": a.arch, "timings": rows, "ratios": ratios})
+        );
+    }
+    Ok(crate::cli::EXIT_OK)
+}
+
+/// Export a random-weight PE-CLIP of `arch` as `dir/f32` and `dir/int8`.
+#[cfg(feature = "train")]
+fn export_random(
+    arch: &str,
+    dir: &std::path::Path,
+    smooth_alpha: f32,
+    per_channel: bool,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    use crate::export::{export, ExportOptions, Int8Options};
+    use crate::frames::clips::LabelledClip;
+    use crate::package::{sha256_hex, Provenance};
+    use candle_core::Device;
+    use pe_clip_calibrate::ObserverKind;
+    use pe_clip_models::clip::random::write_random_model;
+    use pe_clip_models::clip::{Arch, ClipConfig, ClipModel};
+    use pe_clip_models::dataset::Split;
+    use pe_clip_models::peclip::{trainable_specs, PeClip, PeClipConfig, Trainables};
+    use pe_clip_models::synth::{write_dataset, DatasetOptions, SynthOptions};
+    use pe_clip_models::tokenizer::ClipTokenizer;
+    use pe_clip_models::{ClassSet, PixelNorm, PreprocessSpec};
+
+    let arch_v: Arch = arch.parse().map_err(anyhow::Error::msg)?;
+    let cfg = ClipConfig::preset(arch_v);
+    let t = std::time::Instant::now();
+    let wdir = tempfile::tempdir()?;
+    write_random_model(wdir.path(), &cfg, 0)?;
+    let clip = ClipModel::load(wdir.path(), &Device::Cpu)?;
+    let peclip = PeClipConfig::default();
+    let trainables =
+        Trainables::init(trainable_specs(&peclip, &clip.config), 0, &Device::Cpu)?.into_inference();
+    // Non-zero adapters, as after training (the up-projections start at zero).
+    trainables.perturb(1, 0.02, 0.5)?;
+    let tok = ClipTokenizer::from_hf_dir(wdir.path())?;
+    let model = PeClip::new(peclip, clip, trainables, ClassSet::default(), &tok)?;
+    let s = cfg.vision_config.image_size;
+    let data = dir.join("synthetic-clips");
+    write_dataset(
+        &data,
+        &DatasetOptions {
+            train: 8,
+            test: 8,
+            seed: 1,
+            size: s as u32,
+            clip: SynthOptions::default(),
+        },
+    )?;
+    let clips = |split| LabelledClip::from_dataset(&data, split, 1, &ClassSet::default());
+    log::info!(
+        "random {arch} model and clips ready in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let spec = PreprocessSpec {
+        image_size: s,
+        pixel_norm: PixelNorm::None,
+    };
+    let provenance = Provenance {
+        checkpoint: format!("random {arch} weights (seed 0)"),
+        checkpoint_sha256: sha256_hex(arch.as_bytes()),
+        config: serde_json::to_value(&model.config)?,
+        source_revision: env!("PE_CLIP_SOURCE_REVISION").to_string(),
+        pe_clip_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix: 0,
+    };
+    let mut out = Vec::new();
+    for int8 in [false, true] {
+        let opts = ExportOptions {
+            int8: int8.then(|| Int8Options {
+                observer: ObserverKind::Mse,
+                smooth_alpha: (smooth_alpha > 0.0).then_some(smooth_alpha),
+                per_channel,
+                quantize_adapters: false,
+                calib: clips(Split::Train).unwrap_or_default(),
+                calib_source: "synthetic clips".into(),
+            }),
+            check: if int8 {
+                clips(Split::Test)?
+            } else {
+                Vec::new()
+            },
+            check_source: "synthetic clips".into(),
+            window: 16,
+            stride: Some(1),
+            face_crop: "none".into(),
+        };
+        let p = dir.join(if int8 { "int8" } else { "f32" });
+        let t = std::time::Instant::now();
+        let r = export(&model, &spec, provenance.clone(), &p, &opts)?;
+        log::info!(
+            "exported {} in {:.1} s",
+            p.display(),
+            t.elapsed().as_secs_f64()
+        );
+        if let Some(f) = r.quantization.as_ref().and_then(|q| q.fidelity.as_ref()) {
+            log::info!(
+                "int8 vs f32 on {} clips: agreement {:.3}, logit cosine mean {:.5} min {:.5}",
+                f.clips,
+                f.top1_agreement,
+                f.logit_cosine_mean,
+                f.logit_cosine_min
+            );
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+#[cfg(not(feature = "train"))]
+fn export_random(
+    _arch: &str,
+    _dir: &std::path::Path,
+    _smooth_alpha: f32,
+    _per_channel: bool,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    Err(crate::cli::built_without_train("bench step --arch"))
+}

@@ -1,0 +1,86 @@
+//! `pe-clip bench train`: training steps per second and peak memory.
+
+#[derive(Debug, clap::Args)]
+pub(super) struct TrainArgs {
+    /// Backbone shape: tiny, vit-b16 or vit-b32.
+    #[arg(long, default_value = "tiny")]
+    arch: String,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Clips per step.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[cfg(feature = "train")]
+pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
+    use candle_core::{Device, Tensor};
+    use pe_clip_models::clip::random::write_random_model;
+    use pe_clip_models::clip::{Arch, ClipConfig, ClipModel};
+    use pe_clip_models::peclip::{trainable_specs, PeClip, PeClipConfig, Trainables};
+    use pe_clip_models::rng::SeededRng;
+    use pe_clip_models::tokenizer::ClipTokenizer;
+    use pe_clip_models::train::{train_step, Optimizers};
+    use pe_clip_models::ClassSet;
+
+    if a.steps == 0 || a.batch_size == 0 {
+        anyhow::bail!("--steps and --batch-size must be at least 1");
+    }
+    let arch: Arch = a.arch.parse().map_err(anyhow::Error::msg)?;
+    let cfg = ClipConfig::preset(arch);
+    let dir = tempfile::tempdir()?;
+    write_random_model(dir.path(), &cfg, 0)?;
+    let clip = ClipModel::load(dir.path(), &Device::Cpu)?;
+    let peclip = PeClipConfig::default();
+    let trainables = Trainables::init(trainable_specs(&peclip, &clip.config), 0, &Device::Cpu)?;
+    let tok = ClipTokenizer::from_hf_dir(dir.path())?;
+    let model = PeClip::new(peclip, clip, trainables, ClassSet::default(), &tok)?;
+    let mut opt = Optimizers::new(&model, 2e-4, 3e-5)?;
+    let s = cfg.vision_config.image_size;
+    let mut rng = SeededRng::new(1);
+    let n = a.batch_size * 16 * 3 * s * s;
+    let videos = Tensor::from_vec(
+        (0..n).map(|_| rng.uniform() as f32).collect::<Vec<f32>>(),
+        (a.batch_size, 16, 3, s, s),
+        &Device::Cpu,
+    )?;
+    let labels: Vec<u32> = (0..a.batch_size as u32).map(|i| i % 7).collect();
+    train_step(&model, &mut opt, &videos, &labels, None)?; // warm-up
+    let t = std::time::Instant::now();
+    for _ in 0..a.steps {
+        train_step(&model, &mut opt, &videos, &labels, None)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let steps_per_s = a.steps as f64 / secs;
+    let peak = super::peak_rss_bytes();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "train", "arch": a.arch, "clips_per_step": a.batch_size,
+                "frames_per_clip": 16, "steps": a.steps, "seconds": secs,
+                "steps_per_second": steps_per_s, "peak_rss_bytes": peak,
+                "threads": rayon::current_num_threads(),
+            })
+        );
+    } else {
+        println!(
+            "train {}: {:.3} steps/s ({:.2} s/step, {} clip(s) x 16 frames), peak RSS {}",
+            a.arch,
+            steps_per_s,
+            secs / a.steps as f64,
+            a.batch_size,
+            peak.map_or("unknown".into(), |b| format!("{:.2} GB", b as f64 / 1e9))
+        );
+    }
+    Ok(crate::cli::EXIT_OK)
+}
+
+#[cfg(not(feature = "train"))]
+pub(super) fn run_train(_a: TrainArgs) -> anyhow::Result<u8> {
+    Err(crate::cli::built_without_train("bench train"))
+}
