@@ -3,3 +3,7 @@
 //! are in `tests/cli.rs`.
 
 mod calibration;
+#[cfg(feature = "train")]
+mod export;
+mod link;
+mod runtime;

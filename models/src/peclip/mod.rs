@@ -8,6 +8,7 @@ pub mod import;
 pub mod model;
 pub mod params;
 pub mod prompt;
+pub mod random;
 pub mod stream;
 
 pub use checkpoint::{load_run, save_run, RunConfig};

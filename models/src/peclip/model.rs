@@ -332,19 +332,21 @@ fn text_block(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::clip::random::{write_random_model, SeededNormal};
+    use crate::clip::random::SeededNormal;
     use crate::clip::{Arch, ClipConfig};
     use candle_core::Device;
 
     /// A freshly initialised PE-CLIP on a random tiny backbone (the reference fixture's shape).
     pub(crate) fn tiny_model(cfg: PeClipConfig, seed: u64) -> PeClip {
         let dir = tempfile::tempdir().unwrap();
-        write_random_model(dir.path(), &ClipConfig::preset(Arch::Tiny), seed).unwrap();
-        let clip = ClipModel::load(dir.path(), &Device::Cpu).unwrap();
-        let specs = trainable_specs(&cfg, &clip.config);
-        let trainables = Trainables::init(specs, seed, &Device::Cpu).unwrap();
-        let tok = ClipTokenizer::from_hf_dir(dir.path()).unwrap();
-        PeClip::new(cfg, clip, trainables, ClassSet::default(), &tok).unwrap()
+        let r = crate::peclip::random::RandomPeClip {
+            backbone: ClipConfig::preset(Arch::Tiny),
+            config: cfg,
+            seed,
+            inference: false,
+            perturb: None,
+        };
+        crate::peclip::random::random_peclip(dir.path(), &r).unwrap()
     }
 
     /// Smooth random videos `[b, t, 3, 32, 32]` in [0, 1].

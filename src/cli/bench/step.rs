@@ -188,29 +188,32 @@ fn export_random(
     use crate::export::{export, ExportOptions, Int8Options};
     use crate::frames::clips::LabelledClip;
     use crate::package::{sha256_hex, Provenance};
-    use candle_core::Device;
     use pe_clip_calibrate::ObserverKind;
-    use pe_clip_models::clip::random::write_random_model;
-    use pe_clip_models::clip::{Arch, ClipConfig, ClipModel};
+    use pe_clip_models::clip::{Arch, ClipConfig};
     use pe_clip_models::dataset::Split;
-    use pe_clip_models::peclip::{trainable_specs, PeClip, PeClipConfig, Trainables};
+    use pe_clip_models::peclip::random::{random_peclip, Perturb, RandomPeClip};
+    use pe_clip_models::peclip::PeClipConfig;
     use pe_clip_models::synth::{write_dataset, DatasetOptions, SynthOptions};
-    use pe_clip_models::tokenizer::ClipTokenizer;
     use pe_clip_models::{ClassSet, PixelNorm, PreprocessSpec};
 
     let arch_v: Arch = arch.parse().map_err(anyhow::Error::msg)?;
     let cfg = ClipConfig::preset(arch_v);
     let t = std::time::Instant::now();
     let wdir = tempfile::tempdir()?;
-    write_random_model(wdir.path(), &cfg, 0)?;
-    let clip = ClipModel::load(wdir.path(), &Device::Cpu)?;
-    let peclip = PeClipConfig::default();
-    let trainables =
-        Trainables::init(trainable_specs(&peclip, &clip.config), 0, &Device::Cpu)?.into_inference();
-    // Non-zero adapters, as after training (the up-projections start at zero).
-    trainables.perturb(1, 0.02, 0.5)?;
-    let tok = ClipTokenizer::from_hf_dir(wdir.path())?;
-    let model = PeClip::new(peclip, clip, trainables, ClassSet::default(), &tok)?;
+    let model = random_peclip(
+        wdir.path(),
+        &RandomPeClip {
+            backbone: cfg.clone(),
+            config: PeClipConfig::default(),
+            seed: 0,
+            inference: true,
+            perturb: Some(Perturb {
+                seed: 1,
+                std: 0.02,
+                scale_bias: 0.5,
+            }),
+        },
+    )?;
     let s = cfg.vision_config.image_size;
     let data = dir.join("synthetic-clips");
     write_dataset(

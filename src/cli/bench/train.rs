@@ -19,13 +19,11 @@ pub(super) struct TrainArgs {
 #[cfg(feature = "train")]
 pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     use candle_core::{Device, Tensor};
-    use pe_clip_models::clip::random::write_random_model;
-    use pe_clip_models::clip::{Arch, ClipConfig, ClipModel};
-    use pe_clip_models::peclip::{trainable_specs, PeClip, PeClipConfig, Trainables};
+    use pe_clip_models::clip::{Arch, ClipConfig};
+    use pe_clip_models::peclip::random::{random_peclip, RandomPeClip};
+    use pe_clip_models::peclip::PeClipConfig;
     use pe_clip_models::rng::SeededRng;
-    use pe_clip_models::tokenizer::ClipTokenizer;
     use pe_clip_models::train::{train_step, Optimizers};
-    use pe_clip_models::ClassSet;
 
     if a.steps == 0 || a.batch_size == 0 {
         anyhow::bail!("--steps and --batch-size must be at least 1");
@@ -33,12 +31,16 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     let arch: Arch = a.arch.parse().map_err(anyhow::Error::msg)?;
     let cfg = ClipConfig::preset(arch);
     let dir = tempfile::tempdir()?;
-    write_random_model(dir.path(), &cfg, 0)?;
-    let clip = ClipModel::load(dir.path(), &Device::Cpu)?;
-    let peclip = PeClipConfig::default();
-    let trainables = Trainables::init(trainable_specs(&peclip, &clip.config), 0, &Device::Cpu)?;
-    let tok = ClipTokenizer::from_hf_dir(dir.path())?;
-    let model = PeClip::new(peclip, clip, trainables, ClassSet::default(), &tok)?;
+    let model = random_peclip(
+        dir.path(),
+        &RandomPeClip {
+            backbone: cfg.clone(),
+            config: PeClipConfig::default(),
+            seed: 0,
+            inference: false,
+            perturb: None,
+        },
+    )?;
     let mut opt = Optimizers::new(&model, 2e-4, 3e-5)?;
     let s = cfg.vision_config.image_size;
     let mut rng = SeededRng::new(1);
