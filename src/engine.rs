@@ -250,11 +250,11 @@ impl StepModel {
     fn inputs(&self, frame: &[u8], state: &mut StepState) -> Result<TVec<TValue>> {
         let s = self.image_size;
         if frame.len() != s * s * 3 {
-            return Err(Error::Input(format!(
-                "a frame must be {s}x{s} RGB ({} bytes), got {} bytes",
-                s * s * 3,
-                frame.len()
-            )));
+            return Err(Error::FrameSize {
+                side: s,
+                expected: s * s * 3,
+                got: frame.len(),
+            });
         }
         let frame =
             Tensor::from_shape(&[1, s, s, 3], frame).map_err(|e| Error::engine("frame", e))?;

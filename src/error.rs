@@ -1,10 +1,12 @@
-//! Errors of the device runtime (engine, packages).
+//! Errors of the `pe-clip` library. Every variant names what it concerns (the file, key, frame,
+//! device or option); the command line prints them as they are.
 
 use std::path::PathBuf;
 
-/// Runtime errors, each naming what it concerns.
+/// The library's errors.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A file or directory could not be read or written.
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -21,15 +23,45 @@ pub enum Error {
         #[source]
         source: pe_clip_models::package::ManifestError,
     },
-    /// tract could not load or run a model.
-    #[error("{context}: {message}")]
-    Engine { context: String, message: String },
     /// Loading classes, clips, datasets or model weights failed (the message names the file).
     #[error(transparent)]
     Models(#[from] pe_clip_models::Error),
-    /// Input of the wrong size or kind.
+    /// A driver profile or int8 calculation refused its input (`context`: which file or step).
+    #[error("{context}: {source}")]
+    Calibrate {
+        context: String,
+        #[source]
+        source: pe_clip_calibrate::Error,
+    },
+    /// tract could not load or run a model.
+    #[error("{context}: {message}")]
+    Engine { context: String, message: String },
+    /// A file, clip or directory whose content cannot be used for what was asked.
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    /// A frame of the wrong size was handed to the step model.
+    #[error("a frame must be {side}x{side} RGB ({expected} bytes), got {got} bytes")]
+    FrameSize {
+        side: usize,
+        expected: usize,
+        got: usize,
+    },
+    /// A camera, GPIO line or other device failed.
+    #[error("{device}: {reason}")]
+    Device { device: String, reason: String },
+    /// The system would not start a thread.
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An option, name or setting given by the user is out of range or malformed.
     #[error("{0}")]
-    Input(String),
+    Usage(String),
+    /// A part of a running pipeline ended without saying why (a thread that died).
+    #[error("{0}")]
+    Stopped(&'static str),
 }
 
 impl Error {
@@ -51,6 +83,31 @@ impl Error {
         Error::Engine {
             context: context.into(),
             message: format!("{err:#}"),
+        }
+    }
+
+    pub fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn usage(message: impl Into<String>) -> Self {
+        Error::Usage(message.into())
+    }
+
+    pub fn device(device: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Error::Device {
+            device: device.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub fn calibrate(context: impl Into<String>, source: pe_clip_calibrate::Error) -> Self {
+        Error::Calibrate {
+            context: context.into(),
+            source,
         }
     }
 }

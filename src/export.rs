@@ -169,9 +169,10 @@ pub fn fidelity(
         }
     }
     if tally.clips() == 0 {
-        return Err(Error::Input(format!(
-            "{source}: no readable clip to check fidelity on"
-        )));
+        return Err(Error::invalid(
+            source,
+            "no readable clip to check fidelity on",
+        ));
     }
     let uar = |c: &Confusion| (labelled > 0).then(|| c.metrics().uar);
     Ok(Fidelity::new(
@@ -230,7 +231,7 @@ pub fn export(
 ) -> Result<ExportReport> {
     let t0 = Instant::now();
     if opts.window == 0 || opts.stride == Some(0) {
-        return Err(Error::Input("window and stride must be at least 1".into()));
+        return Err(Error::usage("window and stride must be at least 1"));
     }
     let folded = fold(model, preprocess.pixel_norm)?;
     let s = folded.image_size;
@@ -257,18 +258,20 @@ pub fn export(
         None => (g32.clone(), None),
         Some(q) => {
             if q.calib.is_empty() {
-                return Err(Error::Input(
-                    "int8 export needs calibration clips (--calib)".into(),
+                return Err(Error::usage(
+                    "int8 export needs calibration clips (--calib)",
                 ));
             }
             let t = Instant::now();
             let loaded = load_clips(&spec_of(s), &q.calib, opts.window, RoiPolicy::Full)?;
             if loaded.clips.is_empty() {
-                return Err(Error::Input(format!(
-                    "{}: none of the {} calibration clips could be read",
-                    q.calib_source,
-                    q.calib.len()
-                )));
+                return Err(Error::invalid(
+                    &q.calib_source,
+                    format!(
+                        "none of the {} calibration clips could be read",
+                        q.calib.len()
+                    ),
+                ));
             }
             lengths.extend(loaded.clips.iter().map(|c| c.length));
             let clips: Vec<Vec<Vec<u8>>> = loaded.clips.into_iter().map(|c| c.frames).collect();
@@ -397,7 +400,10 @@ pub fn export(
                 _ => None,
             }
             .ok_or_else(|| {
-                Error::Input(format!("block {block} has state but no recurrent cell"))
+                Error::engine(
+                    "export",
+                    format!("block {block} has state but no recurrent cell"),
+                )
             })?;
             Ok(StateEntry {
                 block,

@@ -23,6 +23,7 @@
 
 pub mod calibrator;
 pub mod equalize;
+pub mod error;
 pub mod fold;
 pub mod graph;
 pub mod observer;
@@ -31,5 +32,6 @@ pub mod quant;
 pub mod requant;
 pub mod site;
 
+pub use error::{Error, Result};
 pub use observer::{Observer, ObserverKind};
 pub use quant::{dequantize, quantize_per_channel, quantize_per_tensor, QuantTensor};

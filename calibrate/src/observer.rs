@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::Error;
 use crate::quant::{scale_for, QMAX};
 
 /// Histogram bins.
@@ -27,7 +28,7 @@ pub enum ObserverKind {
 }
 
 impl std::str::FromStr for ObserverKind {
-    type Err = String;
+    type Err = Error;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "minmax" | "min-max" => Ok(Self::MinMax),
@@ -36,17 +37,15 @@ impl std::str::FromStr for ObserverKind {
                 let p = other
                     .strip_prefix("percentile")
                     .map(|r| r.trim_start_matches([':', '=']))
-                    .ok_or_else(|| {
-                        format!("unknown observer {other:?} (minmax, mse, percentile:99.99)")
-                    })?;
+                    .ok_or_else(|| Error::UnknownObserver(other.to_string()))?;
                 let percentile: f64 = if p.is_empty() {
                     99.99
                 } else {
                     p.parse()
-                        .map_err(|_| format!("bad percentile in {other:?}"))?
+                        .map_err(|_| Error::BadPercentile(other.to_string()))?
                 };
                 if !(50.0..=100.0).contains(&percentile) {
-                    return Err(format!("percentile {percentile} is outside 50..100"));
+                    return Err(Error::PercentileRange(percentile));
                 }
                 Ok(Self::Percentile { percentile })
             }

@@ -25,6 +25,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
+
 /// `format` of every profile file.
 pub const PROFILE_FORMAT: &str = "pe-clip-driver-profile";
 /// The profile version this build writes and the newest it reads.
@@ -220,28 +222,26 @@ pub fn fit(
     text_features: &[Vec<f32>],
     logit_scale: f32,
     opts: &FitOptions,
-) -> Result<Correction, String> {
+) -> Result<Correction> {
     let dim = reference.len();
     let classes = text_features.len();
     if let Some(c) = clips
         .iter()
         .find(|c| c.sum.len() != dim || c.center.len() != dim || c.label >= classes)
     {
-        return Err(format!(
-            "a clip of class {} with {} features does not fit a head of {classes} classes and {dim} features",
-            c.label,
-            c.sum.len()
-        ));
+        return Err(Error::ClipShape {
+            label: c.label,
+            features: c.sum.len(),
+            classes,
+            dim,
+        });
     }
     if !(opts.shrinkage >= 0.0 && opts.shrinkage.is_finite()) {
-        return Err(format!(
-            "shrinkage must be finite and >= 0, is {}",
-            opts.shrinkage
-        ));
+        return Err(Error::Shrinkage(opts.shrinkage));
     }
     let neutral: Vec<&ClipFeatures> = clips.iter().filter(|c| c.label == opts.neutral).collect();
     if neutral.is_empty() {
-        return Err("no clip of the neutral class: a driver profile needs at least one".into());
+        return Err(Error::NoNeutralClip);
     }
     let k = neutral.len() as f64;
     let mut offset = vec![0f64; dim];
@@ -265,9 +265,7 @@ pub fn fit(
     };
     if let (Some(lambda), true) = (opts.bias_l2, distinct >= 2) {
         if !(lambda > 0.0 && lambda.is_finite()) {
-            return Err(format!(
-                "the bias penalty must be finite and > 0, is {lambda}"
-            ));
+            return Err(Error::BiasPenalty(lambda));
         }
         let z: Vec<Vec<f32>> = clips
             .iter()
@@ -335,42 +333,40 @@ impl DriverProfile {
     }
 
     /// Check the format, version, sizes and values, and that it was fitted for `model`.
-    pub fn validate(&self, model: &ModelBinding) -> Result<(), String> {
+    pub fn validate(&self, model: &ModelBinding) -> Result<()> {
         if self.format != PROFILE_FORMAT {
-            return Err(format!("not a driver profile (format {:?})", self.format));
+            return Err(Error::ProfileFormat(self.format.clone()));
         }
         if self.version != PROFILE_VERSION {
-            return Err(format!(
-                "profile version {}, this pe-clip reads version {PROFILE_VERSION}: fit it again",
-                self.version
-            ));
+            return Err(Error::ProfileVersion(self.version));
         }
         if self.model.checkpoint_sha256 != model.checkpoint_sha256
             || self.model.classes != model.classes
             || self.model.feature_dim != model.feature_dim
         {
-            return Err(format!(
-                "fitted for another model (checkpoint {}, {} classes, {} features; this package: \
-                 checkpoint {}, {} classes, {} features): fit it again with this package",
-                short(&self.model.checkpoint_sha256),
-                self.model.classes.len(),
-                self.model.feature_dim,
-                short(&model.checkpoint_sha256),
-                model.classes.len(),
-                model.feature_dim
-            ));
+            let describe = |m: &ModelBinding| {
+                format!(
+                    "checkpoint {}, {} classes, {} features",
+                    short(&m.checkpoint_sha256),
+                    m.classes.len(),
+                    m.feature_dim
+                )
+            };
+            return Err(Error::OtherModel {
+                profile: describe(&self.model),
+                package: describe(model),
+            });
         }
         if self.offset.len() != model.feature_dim || self.bias.len() != model.classes.len() {
-            return Err(format!(
-                "offset of {} values and bias of {} for {} features and {} classes",
-                self.offset.len(),
-                self.bias.len(),
-                model.feature_dim,
-                model.classes.len()
-            ));
+            return Err(Error::ProfileShape {
+                offset: self.offset.len(),
+                bias: self.bias.len(),
+                features: model.feature_dim,
+                classes: model.classes.len(),
+            });
         }
         if self.offset.iter().chain(&self.bias).any(|v| !v.is_finite()) {
-            return Err("offset or bias has a value that is not finite".into());
+            return Err(Error::NonFinite);
         }
         Ok(())
     }
@@ -509,7 +505,8 @@ mod tests {
             1.0,
             &opts,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("neutral"), "{e}");
         let e = fit(
             &[clip(1, [1.0, 0.0, 0.0], 4)],
@@ -518,7 +515,8 @@ mod tests {
             1.0,
             &opts,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("does not fit"), "{e}");
     }
 
@@ -553,21 +551,37 @@ mod tests {
             checkpoint_sha256: "b".repeat(64),
             ..model.clone()
         };
-        assert!(p.validate(&other).unwrap_err().contains("another model"));
+        assert!(p
+            .validate(&other)
+            .unwrap_err()
+            .to_string()
+            .contains("another model"));
         let bad = DriverProfile {
             version: 7,
             ..p.clone()
         };
-        assert!(bad.validate(&model).unwrap_err().contains("version 7"));
+        assert!(bad
+            .validate(&model)
+            .unwrap_err()
+            .to_string()
+            .contains("version 7"));
         let bad = DriverProfile {
             offset: vec![f32::NAN; 3],
             ..p.clone()
         };
-        assert!(bad.validate(&model).unwrap_err().contains("finite"));
+        assert!(bad
+            .validate(&model)
+            .unwrap_err()
+            .to_string()
+            .contains("finite"));
         let bad = DriverProfile {
             bias: vec![0.0; 2],
             ..p
         };
-        assert!(bad.validate(&model).unwrap_err().contains("bias of 2"));
+        assert!(bad
+            .validate(&model)
+            .unwrap_err()
+            .to_string()
+            .contains("bias of 2"));
     }
 }

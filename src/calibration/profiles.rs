@@ -27,7 +27,7 @@ pub fn check_profile_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Input(format!(
+        Err(Error::usage(format!(
             "driver name {name:?}: use 1 to 64 letters, digits, '-' or '_'"
         )))
     }
@@ -95,12 +95,14 @@ pub fn fit_driver(dir: &Path, clips_dir: &Path, opts: &DriverOptions) -> Result<
     let classes = package.class_names();
     let found = discover(clips_dir, &classes)?;
     if let Some(c) = found.iter().find(|c| c.label.is_none()) {
-        return Err(Error::Input(format!(
-            "{}: no class label; put each clip in a folder named after its class ({}) or start \
+        return Err(Error::invalid(
+            &c.path,
+            format!(
+                "no class label; put each clip in a folder named after its class ({}) or start \
              its name with the class (neutral-1.y4m)",
-            c.path.display(),
-            classes.join(", ")
-        )));
+                classes.join(", ")
+            ),
+        ));
     }
     let loaded = load_clips(
         &package.preprocess_spec(),
@@ -109,17 +111,19 @@ pub fn fit_driver(dir: &Path, clips_dir: &Path, opts: &DriverOptions) -> Result<
         opts.roi,
     )?;
     if !loaded.clips.iter().any(|c| c.clip.label == Some(neutral)) {
-        return Err(Error::Input(format!(
-            "{}: no readable clip labelled {NEUTRAL} ({} readable clip(s){}); a driver profile \
+        return Err(Error::invalid(
+            clips_dir,
+            format!(
+                "no readable clip labelled {NEUTRAL} ({} readable clip(s){}); a driver profile \
              needs at least one",
-            clips_dir.display(),
-            loaded.clips.len(),
-            if loaded.skipped.is_empty() {
-                String::new()
-            } else {
-                format!("; unreadable: {}", loaded.skipped_text().join("; "))
-            }
-        )));
+                loaded.clips.len(),
+                if loaded.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; unreadable: {}", loaded.skipped_text().join("; "))
+                }
+            ),
+        ));
     }
     let mut step = package.step_model()?;
     let feats = labelled_features(&mut step, &loaded.clips)?;
@@ -136,7 +140,7 @@ pub fn fit_driver(dir: &Path, clips_dir: &Path, opts: &DriverOptions) -> Result<
         head.logit_scale,
         &fit_opts,
     )
-    .map_err(|e| Error::Input(format!("{}: {e}", clips_dir.display())))?;
+    .map_err(|e| Error::calibrate(clips_dir.display().to_string(), e))?;
     let none = profile::Correction::none(head.feature_dim, classes.len());
     let before = profile::accuracy(&feats, &none, &head.text_features, head.logit_scale);
     let after = profile::accuracy(&feats, &corr, &head.text_features, head.logit_scale);
@@ -175,7 +179,7 @@ pub fn fit_driver(dir: &Path, clips_dir: &Path, opts: &DriverOptions) -> Result<
     };
     profile
         .validate(&package.model_binding())
-        .map_err(|e| Error::Input(format!("the fitted profile is unusable: {e}")))?;
+        .map_err(|e| Error::calibrate("the fitted profile is unusable", e))?;
     let path = profile_path(dir, &opts.name);
     let drivers = dir.join(DRIVERS_DIR);
     std::fs::create_dir_all(&drivers).map_err(|e| Error::io(&drivers, e))?;
@@ -201,7 +205,7 @@ pub fn load_profile(package: &Package, name: &str) -> Result<DriverProfile> {
     } else {
         check_profile_name(name)?;
         if package.is_embedded() {
-            return Err(Error::Input(format!(
+            return Err(Error::usage(format!(
                 "--driver {name}: the built-in demo package has no driver profiles; copy it \
                  (cp -r models/demo my-package), fit one with `pe-clip calibrate --package \
                  my-package --driver {name} --clips DIR` and run with --package my-package"
@@ -211,9 +215,9 @@ pub fn load_profile(package: &Package, name: &str) -> Result<DriverProfile> {
     };
     let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
     let profile: DriverProfile = serde_json::from_slice(&text)
-        .map_err(|e| Error::Input(format!("{}: not a driver profile: {e}", path.display())))?;
+        .map_err(|e| Error::invalid(&path, format!("not a driver profile: {e}")))?;
     profile
         .validate(&package.model_binding())
-        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::calibrate(path.display().to_string(), e))?;
     Ok(profile)
 }

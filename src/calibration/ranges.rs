@@ -77,7 +77,7 @@ impl std::str::FromStr for Observation {
             "auto" => Ok(Self::Auto),
             "int8" => Ok(Self::Int8),
             "f32" => Ok(Self::F32),
-            other => Err(Error::Input(format!(
+            other => Err(Error::usage(format!(
                 "--observe {other}: expected auto, int8 or f32"
             ))),
         }
@@ -266,18 +266,20 @@ fn local_clips(package: &Package, clips_dir: &Path, roi: RoiPolicy) -> Result<Lo
     let window = package.manifest.temporal.window;
     let loaded = load_clips(&package.preprocess_spec(), &found, window, roi)?;
     if loaded.clips.len() < MIN_RANGE_CLIPS {
-        return Err(Error::Input(format!(
-            "{}: {} readable clip(s) of {} found; re-calibrating ranges needs at least \
+        return Err(Error::invalid(
+            clips_dir,
+            format!(
+                "{} readable clip(s) of {} found; re-calibrating ranges needs at least \
              {MIN_RANGE_CLIPS}{}",
-            clips_dir.display(),
-            loaded.clips.len(),
-            found.len(),
-            if loaded.skipped.is_empty() {
-                String::new()
-            } else {
-                format!(" (unreadable: {})", loaded.skipped_text().join("; "))
-            }
-        )));
+                loaded.clips.len(),
+                found.len(),
+                if loaded.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (unreadable: {})", loaded.skipped_text().join("; "))
+                }
+            ),
+        ));
     }
     Ok(loaded)
 }
@@ -380,10 +382,10 @@ impl Sites<'_> {
             ratios.push(ranges[&s.name].input as f64 / s.scales.threshold() as f64);
         }
         if ratios.is_empty() {
-            return Err(Error::Input(format!(
-                "{}: the clips gave no usable range for any int8 layer",
-                clips_dir.display()
-            )));
+            return Err(Error::invalid(
+                clips_dir,
+                "the clips gave no usable range for any int8 layer",
+            ));
         }
         let new_bytes = new.encode_to_vec();
         // The graph is the one just run with taps, only constants changed: check that the bytes
@@ -423,10 +425,7 @@ impl Sites<'_> {
         let window = package.manifest.temporal.window;
         let clips = load_clips(&package.preprocess_spec(), &found, window, opts.roi)?;
         if clips.clips.is_empty() {
-            return Err(Error::Input(format!(
-                "{}: no readable clip to check on",
-                held.display()
-            )));
+            return Err(Error::invalid(held, "no readable clip to check on"));
         }
         let (mut reference, what) = match &opts.check_f32 {
             None => (

@@ -71,7 +71,7 @@ fn population_neutral(package: &Package, data: &Path) -> Result<Vec<LabelledClip
             .collect(),
     };
     let ds = pe_clip_models::dataset::load(data, pe_clip_models::dataset::Split::Train, 1, &set)
-        .map_err(|e| Error::Input(format!("{}: {e}", data.display())))?;
+        .map_err(|e| Error::invalid(data, e.to_string()))?;
     Ok(ds
         .samples
         .into_iter()
@@ -102,10 +102,10 @@ pub fn set_reference(
         roi,
     )?;
     if loaded.clips.is_empty() {
-        return Err(Error::Input(format!(
-            "{}: no readable clip labelled {NEUTRAL}",
-            data.display()
-        )));
+        return Err(Error::invalid(
+            data,
+            format!("no readable clip labelled {NEUTRAL}"),
+        ));
     }
     let mut step = package.step_model()?;
     let (feature, frames) = neutral_mean(&mut step, &loaded.clips)?;

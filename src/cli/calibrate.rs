@@ -177,7 +177,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .as_deref()
         .map(str::parse)
         .transpose()
-        .map_err(|e: String| anyhow::anyhow!("--observer: {e}"))?;
+        .map_err(|e: pe_clip_calibrate::Error| anyhow::anyhow!("--observer: {e}"))?;
     let r = calibration::recalibrate(
         dir,
         clips,

@@ -103,7 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     use pe_clip_models::peclip::checkpoint::{RUN_CONFIG_FILE, TRAINABLES_FILE};
     use pe_clip_models::peclip::load_run;
 
-    let observer: ObserverKind = args.observer.parse().map_err(anyhow::Error::msg)?;
+    let observer: ObserverKind = args.observer.parse()?;
     if !(0.0..=1.0).contains(&args.smooth_alpha) {
         bail!("--smooth-alpha must be in 0..1");
     }

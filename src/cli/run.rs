@@ -279,7 +279,7 @@ impl Sink for CliSink {
     fn event(&mut self, e: &Event) -> crate::error::Result<()> {
         if let Some(j) = self.json.as_mut() {
             j.write(e)
-                .map_err(|err| crate::error::Error::Input(format!("writing events: {err}")))?;
+                .map_err(|err| crate::error::Error::io("events", err))?;
         }
         if self.human && self.last_label.as_deref() != Some(e.label.as_str()) {
             println!(

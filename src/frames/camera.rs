@@ -139,7 +139,7 @@ impl<C: Camera> CameraSource<C> {
     pub fn open(mut camera: C, backoff: Backoff) -> Result<Self> {
         let mode = camera
             .open()
-            .map_err(|e| Error::Input(format!("camera {}: {e}", camera.name())))?;
+            .map_err(|e| Error::device(format!("camera {}", camera.name()), e))?;
         log::info!("camera {}: {}", camera.name(), mode.description);
         Ok(Self {
             camera,
@@ -189,11 +189,14 @@ impl<C: Camera> CameraSource<C> {
                 Err(e) => last = e,
             }
         }
-        Err(Error::Input(format!(
-            "camera {name} was lost at frame {} and did not come back within {:.0} s: {last}",
-            self.index,
-            self.backoff.give_up.as_secs_f64()
-        )))
+        Err(Error::device(
+            format!("camera {name}"),
+            format!(
+                "lost at frame {} and did not come back within {:.0} s: {last}",
+                self.index,
+                self.backoff.give_up.as_secs_f64()
+            ),
+        ))
     }
 }
 

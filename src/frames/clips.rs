@@ -85,10 +85,7 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 /// starts with a class name (`neutral-1.y4m`, `happiness_02/`), else unknown.
 pub fn discover(dir: &Path, classes: &[String]) -> Result<Vec<LabelledClip>> {
     if !dir.is_dir() {
-        return Err(Error::Input(format!(
-            "{}: clip directory not found",
-            dir.display()
-        )));
+        return Err(Error::invalid(dir, "clip directory not found"));
     }
     let mut out = Vec::new();
     for p in sorted_entries(dir)? {

@@ -84,7 +84,7 @@ impl std::str::FromStr for RoiPolicy {
 }
 
 fn bad_roi(s: &str) -> Error {
-    Error::Input(format!(
+    Error::usage(format!(
         "--roi {s}: expected full, centre, auto or x,y,w,h (pixels, w and h at least 1)"
     ))
 }
@@ -103,7 +103,7 @@ impl SeetaDetector {
     /// Minimum face side in pixels; `score` threshold (about 5 drops false boxes).
     pub fn new(min_face: u32, score: f64) -> Result<Self> {
         let model = rustface::read_model(SEETA_MODEL)
-            .map_err(|e| Error::Input(format!("embedded face-detector model: {e}")))?;
+            .map_err(|e| Error::device("embedded face-detector model", e))?;
         let mut inner = rustface::create_detector_with_model(model);
         inner.set_min_face_size(min_face.max(20));
         inner.set_score_thresh(score);

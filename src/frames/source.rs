@@ -78,8 +78,7 @@ pub struct Y4mSource {
 impl Y4mSource {
     /// Open `path`; `fps` overrides the header's frame rate.
     pub fn open(path: &Path, fps: Option<f64>) -> Result<Self> {
-        let stream =
-            Y4mStream::open(path).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+        let stream = Y4mStream::open(path).map_err(|e| Error::invalid(path, e.to_string()))?;
         let fps = fps.or(stream.fps()).unwrap_or(DEFAULT_FPS);
         Ok(Self {
             path: path.to_path_buf(),
@@ -126,13 +125,12 @@ pub struct FolderSource {
 impl FolderSource {
     /// List the frames of `dir`; frames are `1000 / fps` ms apart.
     pub fn open(dir: &Path, fps: Option<f64>) -> Result<Self> {
-        let files =
-            list_frame_files(dir).map_err(|e| Error::Input(format!("{}: {e}", dir.display())))?;
+        let files = list_frame_files(dir).map_err(|e| Error::invalid(dir, e.to_string()))?;
         if files.is_empty() {
-            return Err(Error::Input(format!(
-                "{}: no frames (.jpg, .jpeg, .png) in this folder",
-                dir.display()
-            )));
+            return Err(Error::invalid(
+                dir,
+                "no frames (.jpg, .jpeg, .png) in this folder",
+            ));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -223,14 +221,14 @@ impl SynthSource {
             || opts.segment_frames.0 == 0
             || opts.segment_frames.1 < opts.segment_frames.0
         {
-            return Err(Error::Input(format!(
+            return Err(Error::usage(format!(
                 "synthetic stream: size {} (at least 16) and segment lengths {:?} (min <= max, \
                  min >= 1) are invalid",
                 opts.size, opts.segment_frames
             )));
         }
         if opts.fps.is_nan() || opts.fps <= 0.0 {
-            return Err(Error::Input(format!(
+            return Err(Error::usage(format!(
                 "synthetic stream: fps {} must be positive",
                 opts.fps
             )));
@@ -365,13 +363,13 @@ impl SourceSpec {
             }
             _ if path.is_dir() => SourceSpec::Folder(path.to_path_buf()),
             _ if !path.exists() => {
-                return Err(Error::Input(format!(
+                return Err(Error::usage(format!(
                     "source {s}: no such file or folder (use synth, camera, /dev/videoN, a .y4m \
                      file or a folder of frames)"
                 )))
             }
             _ => {
-                return Err(Error::Input(format!(
+                return Err(Error::usage(format!(
                     "source {s}: not a .y4m file or a folder of frames (convert other videos \
                      with `ffmpeg -i in.mp4 -pix_fmt yuv420p out.y4m`)"
                 )))

@@ -28,7 +28,7 @@ impl std::str::FromStr for GpioLine {
 
     fn from_str(s: &str) -> Result<Self> {
         let bad = || {
-            Error::Input(format!(
+            Error::usage(format!(
                 "--gpio {s}: expected /dev/gpiochipN:LINE (e.g. /dev/gpiochip0:105)"
             ))
         };
@@ -131,7 +131,10 @@ impl LocalAlert {
                 let _ = buzzer.set_duty_cycle(0);
                 errors
             })
-            .map_err(|e| Error::Input(format!("cannot start the alert thread: {e}")))?;
+            .map_err(|source| Error::Thread {
+                name: "alert",
+                source,
+            })?;
         Ok(Self { tx, handle })
     }
 
@@ -151,7 +154,7 @@ impl LocalAlert {
 pub fn output_pin(line: &GpioLine) -> Result<linux_embedded_hal::CdevPin> {
     use linux_embedded_hal::gpio_cdev::{Chip, LineRequestFlags};
     let fail = |e: linux_embedded_hal::gpio_cdev::Error| {
-        Error::Input(format!("GPIO {}:{}: {e}", line.chip.display(), line.line))
+        Error::device(format!("GPIO {}:{}", line.chip.display(), line.line), e)
     };
     let mut chip = Chip::new(&line.chip).map_err(fail)?;
     let handle = chip

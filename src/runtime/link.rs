@@ -42,7 +42,7 @@ impl Default for LinkOptions {
 /// package with another class order alerts on the same expressions.
 pub fn controller_config(classes: &[String]) -> crate::error::Result<Config> {
     Config::for_classes(classes.iter().map(String::as_str)).map_err(|e| {
-        crate::error::Error::Input(format!(
+        crate::error::Error::usage(format!(
             "class {:?} (index {}) counts as negative, but the alert link's class mask holds \
              classes 0 to 15 only",
             classes[e.index], e.index

@@ -200,13 +200,13 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) -> Result<RunSummary> {
     if cfg.stride == 0 {
-        return Err(Error::Input("stride must be at least 1".into()));
+        return Err(Error::usage("stride must be at least 1"));
     }
     let classes = package.class_names();
     let mut streamer = Streamer::new(model, package.manifest.head.clone(), cfg.windowing)?;
     if let Some(p) = &cfg.driver {
         p.validate(&package.model_binding())
-            .map_err(|e| Error::Input(format!("driver profile {}: {e}", p.name)))?;
+            .map_err(|e| Error::calibrate(format!("driver profile {}", p.name), e))?;
         log::info!("driver profile {} ({})", p.name, p.method);
         streamer = streamer.with_correction(p.correction());
     }
@@ -234,7 +234,10 @@ pub fn run(
         std::thread::Builder::new()
             .name("pe-clip-reader".into())
             .spawn(move || reader(source, cfg, spec, tx, counters, stop))
-            .map_err(|e| Error::Input(format!("cannot start the reader thread: {e}")))?
+            .map_err(|source| Error::Thread {
+                name: "reader",
+                source,
+            })?
     };
     let started = Instant::now();
     let mut stats = RunStats::default();
@@ -263,7 +266,7 @@ pub fn run(
             Ok(m) => m,
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => {
-                break Err(Error::Input("the frame reader stopped unexpectedly".into()))
+                break Err(Error::Stopped("the frame reader stopped unexpectedly"))
             }
         };
         let s = match msg {

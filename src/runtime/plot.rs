@@ -161,7 +161,7 @@ pub fn check_path(path: &Path) -> Result<()> {
     {
         Ok(())
     } else {
-        Err(Error::Input(format!(
+        Err(Error::usage(format!(
             "--plot {}: the timeline is written as SVG; give a file ending in .svg",
             path.display()
         )))
@@ -176,6 +176,6 @@ pub fn write_timeline(
     title: &str,
 ) -> Result<()> {
     check_path(path)?;
-    pe_clip_models::io::write_atomic(path, timeline_svg(classes, events, title).as_bytes())
-        .map_err(|e| Error::Input(e.to_string()))
+    pe_clip_models::io::write_atomic(path, timeline_svg(classes, events, title).as_bytes())?;
+    Ok(())
 }

@@ -26,7 +26,7 @@ impl std::str::FromStr for Smoothing {
 
     fn from_str(s: &str) -> Result<Self> {
         let bad = || {
-            Error::Input(format!(
+            Error::usage(format!(
                 "--smooth {s}: expected none, ema:ALPHA (0 < ALPHA <= 1) or \
                  hysteresis:MARGIN,HOLD (0 <= MARGIN < 1, HOLD >= 1)"
             ))

@@ -35,7 +35,7 @@ impl Windowing {
     /// Check the geometry.
     pub fn validate(&self) -> Result<()> {
         if self.window == 0 || self.hop == 0 {
-            return Err(Error::Input(format!(
+            return Err(Error::usage(format!(
                 "window {} and hop {} must be at least 1",
                 self.window, self.hop
             )));

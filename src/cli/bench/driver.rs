@@ -233,7 +233,7 @@ pub fn evaluate_profiles(
                 neutral,
             },
         )
-        .map_err(Error::Input)?;
+        .map_err(|e| Error::calibrate("driver profile fit", e))?;
         let none = profile::Correction::none(head.feature_dim, classes.len());
         let held = labelled_features(&mut step, &test_clips.clips)?;
         let score = |c: &profile::Correction| {
