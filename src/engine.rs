@@ -83,6 +83,42 @@ fn plain_f32(t: &Tensor) -> TractResult<&[f32]> {
     t.try_as_plain_ram()?.as_slice::<f32>()
 }
 
+/// The recurrent state slots of a step model: every input after the frame is
+/// `state_in.<block>`, 2-D and fixed, with its `state_out.<block>` among the outputs.
+fn state_slots(
+    model: &InferenceModel,
+    input_names: &[String],
+    output_names: &[String],
+    context: &str,
+) -> Result<Vec<StateSlot>> {
+    let err = |e: TractError| Error::engine(context, e);
+    let mut slots = Vec::new();
+    for (k, name) in input_names.iter().enumerate().skip(1) {
+        let Some(block) = state_input_block(name) else {
+            return Err(Error::engine(context, format!("unexpected input {name}")));
+        };
+        let out = state_output(block);
+        if !output_names.contains(&out) {
+            return Err(Error::engine(context, format!("{name} has no {out}")));
+        }
+        let dims = dims_of(&model.input_fact(k).map_err(err)?.clone())
+            .ok_or_else(|| Error::engine(context, format!("{name} has no fixed shape")))?;
+        let [rows, width] = dims[..] else {
+            return Err(Error::engine(
+                context,
+                format!("{name} must be 2-D, is {dims:?}"),
+            ));
+        };
+        slots.push(StateSlot {
+            input: name.clone(),
+            output: out,
+            rows,
+            width,
+        });
+    }
+    Ok(slots)
+}
+
 impl StepModel {
     /// Load ONNX bytes (`context` names them in errors).
     pub fn from_onnx(bytes: &[u8], context: &str) -> Result<Self> {
@@ -128,30 +164,7 @@ impl StepModel {
                 ))
             }
         };
-        let mut slots = Vec::new();
-        for (k, name) in input_names.iter().enumerate().skip(1) {
-            let Some(block) = state_input_block(name) else {
-                return Err(Error::engine(context, format!("unexpected input {name}")));
-            };
-            let out = state_output(block);
-            if !output_names.contains(&out) {
-                return Err(Error::engine(context, format!("{name} has no {out}")));
-            }
-            let dims = dims_of(&model.input_fact(k).map_err(err)?.clone())
-                .ok_or_else(|| Error::engine(context, format!("{name} has no fixed shape")))?;
-            let [rows, width] = dims[..] else {
-                return Err(Error::engine(
-                    context,
-                    format!("{name} must be 2-D, is {dims:?}"),
-                ));
-            };
-            slots.push(StateSlot {
-                input: name.clone(),
-                output: out,
-                rows,
-                width,
-            });
-        }
+        let slots = state_slots(&model, &input_names, &output_names, context)?;
         // Outputs in a fixed order: feature, the states in slot order, then the rest.
         let mut outputs = vec![FEATURE_OUTPUT.to_string()];
         outputs.extend(slots.iter().map(|s| s.output.clone()));

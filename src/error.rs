@@ -33,6 +33,13 @@ pub enum Error {
         #[source]
         source: pe_clip_calibrate::Error,
     },
+    /// An ONNX model whose graph or int8 layers cannot be read or rewritten.
+    #[error("model package {path}: {source}")]
+    Onnx {
+        path: PathBuf,
+        #[source]
+        source: OnnxError,
+    },
     /// tract could not load or run a model.
     #[error("{context}: {message}")]
     Engine { context: String, message: String },
@@ -62,6 +69,28 @@ pub enum Error {
     /// A part of a running pipeline ended without saying why (a thread that died).
     #[error("{0}")]
     Stopped(&'static str),
+}
+
+/// Why an ONNX step model cannot be read or rewritten: a tensor of the wrong type or size, or
+/// an int8 layer that is not laid out as `pe_clip_calibrate::int8::quantize` writes it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OnnxError {
+    #[error("the model has no graph")]
+    NoGraph,
+    /// A tensor of another element type, or raw data of a size the type cannot have.
+    #[error("{tensor}: {reason}")]
+    Tensor { tensor: String, reason: String },
+    /// A `QuantizeLinear` that does not read an `.x_scale` constant: not written by pe-clip.
+    #[error(
+        "QuantizeLinear {node:?} does not read a `.x_scale` constant (not written by pe-clip)"
+    )]
+    ForeignQuantize { node: String },
+    /// An int8 layer whose constants are missing, of the wrong size, or out of range.
+    #[error("int8 layer {layer}: {reason}")]
+    Site { layer: String, reason: String },
+    /// A constant to rewrite that the model does not have, or that holds another size.
+    #[error("{constant}: {reason}")]
+    Constant { constant: String, reason: String },
 }
 
 impl Error {

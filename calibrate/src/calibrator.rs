@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use crate::equalize::smooth_factors;
-use crate::graph::{Data, Graph, LinearRanges};
+use crate::graph::{Data, Graph};
+use crate::int8::LinearRanges;
 use crate::observer::{Observer, ObserverKind};
 
 #[derive(Debug, Clone)]

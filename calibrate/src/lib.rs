@@ -26,6 +26,7 @@ pub mod equalize;
 pub mod error;
 pub mod fold;
 pub mod graph;
+pub mod int8;
 pub mod observer;
 pub mod profile;
 pub mod quant;

@@ -1,6 +1,6 @@
 //! New activation ranges for an already-quantized linear layer, without its f32 weights.
 //!
-//! [`crate::graph::quantize`] writes each int8 layer as
+//! [`crate::int8::quantize`] writes each int8 layer as
 //! `QuantizeLinear(s_x) → MatMulInteger(W_q) → Add(b_q) → Cast → Mul(r)` with `r = s_x·s_w` and
 //! `b_q = round(b / r)`. The weights `W_q` and their scales `s_w` do not depend on the
 //! activations, so a new input threshold only changes three constants:
@@ -98,7 +98,8 @@ impl SiteScales {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::{quantize, Data, ElemType, Graph, LinearOpts, LinearRanges};
+    use crate::graph::{Data, ElemType, Graph, LinearOpts};
+    use crate::int8::{quantize, LinearRanges};
     use std::collections::HashMap;
 
     fn scales_of(g: &Graph, n: &str) -> SiteScales {

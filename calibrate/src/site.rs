@@ -1,5 +1,5 @@
 //! The names of an int8 linear layer's constants and values in a step graph: written by
-//! [`crate::graph::quantize`], found again by the device (`pe-clip calibrate`) when it re-reads a
+//! [`crate::int8::quantize`], found again by the device (`pe-clip calibrate`) when it re-reads a
 //! package's model. One layer `L` (e.g. `block3/fc1`) becomes
 //!
 //! ```text

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::{l2, now_unix};
 use crate::engine::StepModel;
 use crate::error::{Error, Result};
-use crate::frames::clips::{discover, load_clips, LoadedClip};
+use crate::frames::clips::{discover, load_clips, Loaded, LoadedClip};
 use crate::frames::roi::RoiPolicy;
 use crate::package::{Package, DRIVERS_DIR, NEUTRAL};
 
@@ -93,38 +93,7 @@ pub fn fit_driver(dir: &Path, clips_dir: &Path, opts: &DriverOptions) -> Result<
         )
     })?;
     let classes = package.class_names();
-    let found = discover(clips_dir, &classes)?;
-    if let Some(c) = found.iter().find(|c| c.label.is_none()) {
-        return Err(Error::invalid(
-            &c.path,
-            format!(
-                "no class label; put each clip in a folder named after its class ({}) or start \
-             its name with the class (neutral-1.y4m)",
-                classes.join(", ")
-            ),
-        ));
-    }
-    let loaded = load_clips(
-        &package.preprocess_spec(),
-        &found,
-        package.manifest.temporal.window,
-        opts.roi,
-    )?;
-    if !loaded.clips.iter().any(|c| c.clip.label == Some(neutral)) {
-        return Err(Error::invalid(
-            clips_dir,
-            format!(
-                "no readable clip labelled {NEUTRAL} ({} readable clip(s){}); a driver profile \
-             needs at least one",
-                loaded.clips.len(),
-                if loaded.skipped.is_empty() {
-                    String::new()
-                } else {
-                    format!("; unreadable: {}", loaded.skipped_text().join("; "))
-                }
-            ),
-        ));
-    }
+    let loaded = load_driver_clips(&package, clips_dir, opts.roi, neutral)?;
     let mut step = package.step_model()?;
     let feats = labelled_features(&mut step, &loaded.clips)?;
     let head = &package.manifest.head;
@@ -144,10 +113,6 @@ pub fn fit_driver(dir: &Path, clips_dir: &Path, opts: &DriverOptions) -> Result<
     let none = profile::Correction::none(head.feature_dim, classes.len());
     let before = profile::accuracy(&feats, &none, &head.text_features, head.logit_scale);
     let after = profile::accuracy(&feats, &corr, &head.text_features, head.logit_scale);
-    let mut per_class = vec![0usize; classes.len()];
-    for f in &feats {
-        per_class[f.label] += 1;
-    }
     let method = if corr.bias_fitted {
         "neutral-offset+bias"
     } else {
@@ -162,12 +127,7 @@ pub fn fit_driver(dir: &Path, clips_dir: &Path, opts: &DriverOptions) -> Result<
         offset: corr.offset.clone(),
         bias: corr.bias.clone(),
         fit: FitSummary {
-            clips: classes
-                .iter()
-                .zip(&per_class)
-                .filter(|(_, n)| **n > 0)
-                .map(|(c, n)| (c.clone(), *n))
-                .collect(),
+            clips: clips_per_class(&classes, &feats),
             frames: loaded.frames(),
             shrinkage: opts.shrinkage,
             bias_l2: corr.bias_fitted.then_some(opts.bias_l2).flatten(),
@@ -195,6 +155,64 @@ pub fn fit_driver(dir: &Path, clips_dir: &Path, opts: &DriverOptions) -> Result<
         skipped: loaded.skipped_text(),
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// A driver's labelled clips under `clips_dir`: every clip must carry a class, and at least
+/// one readable clip must be neutral.
+fn load_driver_clips(
+    package: &Package,
+    clips_dir: &Path,
+    roi: RoiPolicy,
+    neutral: usize,
+) -> Result<Loaded> {
+    let classes = package.class_names();
+    let found = discover(clips_dir, &classes)?;
+    if let Some(c) = found.iter().find(|c| c.label.is_none()) {
+        return Err(Error::invalid(
+            &c.path,
+            format!(
+                "no class label; put each clip in a folder named after its class ({}) or start \
+             its name with the class (neutral-1.y4m)",
+                classes.join(", ")
+            ),
+        ));
+    }
+    let loaded = load_clips(
+        &package.preprocess_spec(),
+        &found,
+        package.manifest.temporal.window,
+        roi,
+    )?;
+    if !loaded.clips.iter().any(|c| c.clip.label == Some(neutral)) {
+        return Err(Error::invalid(
+            clips_dir,
+            format!(
+                "no readable clip labelled {NEUTRAL} ({} readable clip(s){}); a driver profile \
+             needs at least one",
+                loaded.clips.len(),
+                if loaded.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; unreadable: {}", loaded.skipped_text().join("; "))
+                }
+            ),
+        ));
+    }
+    Ok(loaded)
+}
+
+/// (class, clips) for every class the fitting clips have.
+fn clips_per_class(classes: &[String], feats: &[ClipFeatures]) -> Vec<(String, usize)> {
+    let mut per_class = vec![0usize; classes.len()];
+    for f in feats {
+        per_class[f.label] += 1;
+    }
+    classes
+        .iter()
+        .zip(&per_class)
+        .filter(|(_, n)| **n > 0)
+        .map(|(c, n)| (c.clone(), *n))
+        .collect()
 }
 
 /// Read and check a driver profile for `package`: `name` is a profile of the package

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use pe_clip_calibrate::calibrator::{Calibrator, LayerInput};
-use pe_clip_calibrate::graph::LinearRanges;
+use pe_clip_calibrate::int8::LinearRanges;
 use pe_clip_calibrate::requant::SiteScales;
 use pe_clip_calibrate::ObserverKind;
 use pe_clip_models::metrics::AgreementTally;
@@ -138,7 +138,10 @@ fn int8_package(dir: &Path) -> Result<(Package, pb::ModelProto, Vec<QuantSite>)>
     let bytes = package.model_bytes()?;
     let path = package.model_path();
     let proto = crate::onnx::decode(&bytes, &path.display().to_string())?;
-    let sites = crate::onnx::quant_sites(&proto).map_err(|e| Error::package(&path, e))?;
+    let sites = crate::onnx::quant_sites(&proto).map_err(|source| Error::Onnx {
+        path: path.clone(),
+        source,
+    })?;
     if sites.is_empty() {
         return Err(Error::package(
             &path,
@@ -294,8 +297,10 @@ struct Sites<'a> {
 impl Sites<'_> {
     /// The model with every int8 layer computed in f32 from its dequantized weights.
     fn dequantized(&self) -> Result<pb::ModelProto> {
-        crate::onnx::dequantized(self.proto)
-            .map_err(|e| Error::package(self.package.model_path(), e))
+        crate::onnx::dequantized(self.proto).map_err(|source| Error::Onnx {
+            path: self.package.model_path(),
+            source,
+        })
     }
 
     /// Observe every int8 layer's input on the clips (see [`Observation`]): the ranges, and the
@@ -377,8 +382,12 @@ impl Sites<'_> {
                 }
                 continue;
             };
-            crate::onnx::set_site_scales(&mut new, &s.name, scaled)
-                .map_err(|e| Error::package(self.package.model_path(), e))?;
+            crate::onnx::set_site_scales(&mut new, &s.name, scaled).map_err(|source| {
+                Error::Onnx {
+                    path: self.package.model_path(),
+                    source,
+                }
+            })?;
             ratios.push(ranges[&s.name].input as f64 / s.scales.threshold() as f64);
         }
         if ratios.is_empty() {

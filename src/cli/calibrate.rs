@@ -145,31 +145,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 bias_l2: args.fit.bias(),
             },
         )?;
-        print(args.json, &r, || {
-            let per: Vec<String> = r
-                .fit
-                .clips
-                .iter()
-                .map(|(c, n)| format!("{c} {n}"))
-                .collect();
-            println!(
-                "driver {}: {} from {} ({} frames); |offset| {:.3} against |neutral reference| \
-                 {:.3}; fitting clips right {:.0} % -> {:.0} %; written to {} ({:.1} s)",
-                r.name,
-                r.method,
-                per.join(", "),
-                r.fit.frames,
-                r.offset_norm,
-                r.reference_norm,
-                100.0 * r.fit.fit_accuracy_before,
-                100.0 * r.fit.fit_accuracy_after,
-                r.profile.display(),
-                r.seconds
-            );
-            for s in &r.skipped {
-                println!("skipped {s}");
-            }
-        });
+        print(args.json, &r, || print_driver(&r));
         return Ok(super::EXIT_OK);
     }
     let observer = args
@@ -189,50 +165,78 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             observe: args.observe.parse()?,
         },
     )?;
-    print(args.json, &r, || {
-        let c = &r.recalibration;
-        println!(
-            "{}: {} int8 layers re-calibrated ({} observer, observed through {}) from {} clips \
-             ({} frames); new/old input range: median {:.2}, {:.2} to {:.2}; {:.1} s (observing \
-             {:.1} s); previous version kept for --rollback",
-            r.package.display(),
-            c.layers,
-            c.observer,
-            c.passes.join(" then "),
-            c.clips,
-            c.frames,
-            c.threshold_ratio_median,
-            c.threshold_ratio_min,
-            c.threshold_ratio_max,
-            r.seconds.total,
-            r.seconds.observe
-        );
-        if let Some(k) = &c.check {
-            println!(
-                "check on {} held-out clips, against {}: top-1 agreement {:.1} % -> {:.1} %, \
-                 logit cosine mean {:.5} -> {:.5}, min {:.5} -> {:.5}",
-                k.before.clips,
-                k.reference,
-                100.0 * k.before.top1_agreement,
-                100.0 * k.after.top1_agreement,
-                k.before.logit_cosine_mean,
-                k.after.logit_cosine_mean,
-                k.before.logit_cosine_min,
-                k.after.logit_cosine_min
-            );
-            if k.after.top1_agreement < k.before.top1_agreement
-                || k.after.logit_cosine_mean < k.before.logit_cosine_mean - 1e-3
-            {
-                println!(
-                    "note: the new ranges agree less with the reference on these clips than the \
-                     old ones; `pe-clip calibrate --package {} --rollback` restores the old",
-                    r.package.display()
-                );
-            }
-        }
-        for s in &r.skipped {
-            println!("skipped {s}");
-        }
-    });
+    print(args.json, &r, || print_ranges(&r));
     Ok(super::EXIT_OK)
+}
+
+fn print_driver(r: &calibration::DriverReport) {
+    let per: Vec<String> = r
+        .fit
+        .clips
+        .iter()
+        .map(|(c, n)| format!("{c} {n}"))
+        .collect();
+    println!(
+        "driver {}: {} from {} ({} frames); |offset| {:.3} against |neutral reference| \
+         {:.3}; fitting clips right {:.0} % -> {:.0} %; written to {} ({:.1} s)",
+        r.name,
+        r.method,
+        per.join(", "),
+        r.fit.frames,
+        r.offset_norm,
+        r.reference_norm,
+        100.0 * r.fit.fit_accuracy_before,
+        100.0 * r.fit.fit_accuracy_after,
+        r.profile.display(),
+        r.seconds
+    );
+    for s in &r.skipped {
+        println!("skipped {s}");
+    }
+}
+
+fn print_ranges(r: &calibration::RangeReport) {
+    let c = &r.recalibration;
+    println!(
+        "{}: {} int8 layers re-calibrated ({} observer, observed through {}) from {} clips \
+         ({} frames); new/old input range: median {:.2}, {:.2} to {:.2}; {:.1} s (observing \
+         {:.1} s); previous version kept for --rollback",
+        r.package.display(),
+        c.layers,
+        c.observer,
+        c.passes.join(" then "),
+        c.clips,
+        c.frames,
+        c.threshold_ratio_median,
+        c.threshold_ratio_min,
+        c.threshold_ratio_max,
+        r.seconds.total,
+        r.seconds.observe
+    );
+    if let Some(k) = &c.check {
+        println!(
+            "check on {} held-out clips, against {}: top-1 agreement {:.1} % -> {:.1} %, \
+             logit cosine mean {:.5} -> {:.5}, min {:.5} -> {:.5}",
+            k.before.clips,
+            k.reference,
+            100.0 * k.before.top1_agreement,
+            100.0 * k.after.top1_agreement,
+            k.before.logit_cosine_mean,
+            k.after.logit_cosine_mean,
+            k.before.logit_cosine_min,
+            k.after.logit_cosine_min
+        );
+        if k.after.top1_agreement < k.before.top1_agreement
+            || k.after.logit_cosine_mean < k.before.logit_cosine_mean - 1e-3
+        {
+            println!(
+                "note: the new ranges agree less with the reference on these clips than the \
+                 old ones; `pe-clip calibrate --package {} --rollback` restores the old",
+                r.package.display()
+            );
+        }
+    }
+    for s in &r.skipped {
+        println!("skipped {s}");
+    }
 }

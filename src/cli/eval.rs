@@ -90,29 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         v["failed"] = failed.into();
         println!("{v}");
     } else {
-        println!(
-            "UAR {:.2} %  WAR {:.2} %  ({} clips, {failed} failed)",
-            100.0 * m.uar,
-            100.0 * m.war,
-            m.samples
-        );
-        let w = names.iter().map(|n| n.len()).max().unwrap_or(6).max(6);
-        let first = w.max("true \\ pred".len());
-        print!("{:>first$} |", "true \\ pred");
-        for n in &names {
-            print!(" {n:>w$}");
-        }
-        println!(" | recall");
-        for (i, row) in m.confusion.iter().enumerate() {
-            print!("{:>first$} |", names[i]);
-            for c in row {
-                print!(" {c:>w$}");
-            }
-            match m.per_class_recall[i] {
-                Some(r) => println!(" | {:.1} %", 100.0 * r),
-                None => println!(" | -"),
-            }
-        }
+        print_metrics(&m, &names, failed);
     }
     Ok(if failed == 0 {
         super::EXIT_OK
@@ -121,6 +99,34 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     } else {
         super::EXIT_PARTIAL
     })
+}
+
+/// UAR, WAR and the confusion matrix with per-class recall, as a table.
+#[cfg(feature = "train")]
+fn print_metrics(m: &pe_clip_models::metrics::Metrics, names: &[&str], failed: usize) {
+    println!(
+        "UAR {:.2} %  WAR {:.2} %  ({} clips, {failed} failed)",
+        100.0 * m.uar,
+        100.0 * m.war,
+        m.samples
+    );
+    let w = names.iter().map(|n| n.len()).max().unwrap_or(6).max(6);
+    let first = w.max("true \\ pred".len());
+    print!("{:>first$} |", "true \\ pred");
+    for n in names {
+        print!(" {n:>w$}");
+    }
+    println!(" | recall");
+    for (i, row) in m.confusion.iter().enumerate() {
+        print!("{:>first$} |", names[i]);
+        for c in row {
+            print!(" {c:>w$}");
+        }
+        match m.per_class_recall[i] {
+            Some(r) => println!(" | {:.1} %", 100.0 * r),
+            None => println!(" | -"),
+        }
+    }
 }
 
 #[cfg(not(feature = "train"))]

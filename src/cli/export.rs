@@ -96,11 +96,9 @@ fn collect_clips(
 #[cfg(feature = "train")]
 pub fn run(args: Args) -> anyhow::Result<u8> {
     use crate::export::{export, ExportOptions, Int8Options};
-    use crate::package::{sha256_file, Provenance};
     use anyhow::{bail, Context};
     use pe_clip_calibrate::ObserverKind;
     use pe_clip_models::dataset::Split;
-    use pe_clip_models::peclip::checkpoint::{RUN_CONFIG_FILE, TRAINABLES_FILE};
     use pe_clip_models::peclip::load_run;
 
     let observer: ObserverKind = args.observer.parse()?;
@@ -149,22 +147,6 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
         None => (Vec::new(), String::new()),
     };
-    let config_path = args.run.join(RUN_CONFIG_FILE);
-    let config: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&config_path).with_context(|| config_path.display().to_string())?,
-    )
-    .with_context(|| config_path.display().to_string())?;
-    let provenance = Provenance {
-        checkpoint: std::path::absolute(&args.run)?.display().to_string(),
-        checkpoint_sha256: sha256_file(&args.run.join(TRAINABLES_FILE))?,
-        config,
-        source_revision: env!("PE_CLIP_SOURCE_REVISION").to_string(),
-        pe_clip_version: env!("CARGO_PKG_VERSION").to_string(),
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    };
     let opts = ExportOptions {
         int8,
         check,
@@ -173,11 +155,50 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         stride: args.stride,
         face_crop: "the clip's frames as given (DFEW-style face crops)".into(),
     };
-    let report = export(&model, &run.preprocess, provenance, &args.out, &opts)?;
+    let report = export(
+        &model,
+        &run.preprocess,
+        provenance(&args.run)?,
+        &args.out,
+        &opts,
+    )?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(super::EXIT_OK);
+    } else {
+        print_report(&report);
     }
+    Ok(super::EXIT_OK)
+}
+
+/// Where the package comes from: the run directory, its trainables' digest and configuration,
+/// and this build.
+#[cfg(feature = "train")]
+fn provenance(run: &std::path::Path) -> anyhow::Result<crate::package::Provenance> {
+    use anyhow::Context;
+    use pe_clip_models::peclip::checkpoint::{RUN_CONFIG_FILE, TRAINABLES_FILE};
+
+    let config_path = run.join(RUN_CONFIG_FILE);
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&config_path).with_context(|| config_path.display().to_string())?,
+    )
+    .with_context(|| config_path.display().to_string())?;
+    Ok(crate::package::Provenance {
+        checkpoint: std::path::absolute(run)?.display().to_string(),
+        checkpoint_sha256: crate::package::sha256_file(&run.join(TRAINABLES_FILE))?,
+        config,
+        source_revision: env!("PE_CLIP_SOURCE_REVISION").to_string(),
+        pe_clip_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    })
+}
+
+/// The human report: sizes, MatMuls per block before and after folding, the int8 recipe and
+/// its fidelity.
+#[cfg(feature = "train")]
+fn print_report(report: &crate::export::ExportReport) {
     println!(
         "{}: {} package, model.onnx {:.2} MB (f32 {:.2} MB), {:.1} s",
         report.package.display(),
@@ -201,38 +222,38 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         before.join(" "),
         after.join(" ")
     );
-    if let Some(q) = &report.quantization {
+    let Some(q) = &report.quantization else {
+        return;
+    };
+    println!(
+        "int8: {} of {} linear layers, observer {}, smoothing {}, {} weight scales; \
+         calibrated on {} clips / {} frames",
+        q.quantized_layers,
+        q.linear_layers,
+        q.observer,
+        q.smooth_alpha
+            .map_or("off".to_string(), |a| format!("alpha {a}")),
+        if q.per_channel {
+            "per-column"
+        } else {
+            "per-tensor"
+        },
+        q.calibration.clips,
+        q.calibration.frames
+    );
+    if let Some(f) = &q.fidelity {
+        let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2} %", v * 100.0));
         println!(
-            "int8: {} of {} linear layers, observer {}, smoothing {}, {} weight scales; \
-             calibrated on {} clips / {} frames",
-            q.quantized_layers,
-            q.linear_layers,
-            q.observer,
-            q.smooth_alpha
-                .map_or("off".to_string(), |a| format!("alpha {a}")),
-            if q.per_channel {
-                "per-column"
-            } else {
-                "per-tensor"
-            },
-            q.calibration.clips,
-            q.calibration.frames
+            "int8 vs f32 on {} held-out clips: top-1 agreement {:.2} %, logit cosine mean \
+             {:.5} (min {:.5}), UAR f32 {} int8 {}",
+            f.clips,
+            f.top1_agreement * 100.0,
+            f.logit_cosine_mean,
+            f.logit_cosine_min,
+            pct(f.uar_f32),
+            pct(f.uar_int8)
         );
-        if let Some(f) = &q.fidelity {
-            let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2} %", v * 100.0));
-            println!(
-                "int8 vs f32 on {} held-out clips: top-1 agreement {:.2} %, logit cosine mean \
-                 {:.5} (min {:.5}), UAR f32 {} int8 {}",
-                f.clips,
-                f.top1_agreement * 100.0,
-                f.logit_cosine_mean,
-                f.logit_cosine_min,
-                pct(f.uar_f32),
-                pct(f.uar_int8)
-            );
-        }
     }
-    Ok(super::EXIT_OK)
 }
 
 #[cfg(not(feature = "train"))]

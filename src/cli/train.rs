@@ -65,14 +65,9 @@ pub struct Args {
 #[cfg(feature = "train")]
 pub fn run(args: Args) -> anyhow::Result<u8> {
     use anyhow::Context;
-    use pe_clip_models::clip::random::write_random_model;
-    use pe_clip_models::clip::{Arch, ClipConfig};
-    use pe_clip_models::peclip::checkpoint::{
-        created_by, load_backbone, BackboneRef, RUN_FORMAT_VERSION,
-    };
+    use pe_clip_models::peclip::checkpoint::load_backbone;
     use pe_clip_models::peclip::{trainable_specs, PeClip, RunConfig, Trainables};
-    use pe_clip_models::train::{train, Progress, TrainConfig, TrainJob};
-    use pe_clip_models::{ClassSet, PixelNorm, PreprocessSpec};
+    use pe_clip_models::train::{train, TrainConfig, TrainJob};
 
     let device = super::zero_shot::device_from_name(&args.device)?;
     let cfg = TrainConfig {
@@ -94,42 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let run = if args.resume {
         RunConfig::read(&args.out).context("cannot resume")?
     } else {
-        let (backbone, clip_cfg) = match args.arch.parse::<Arch>() {
-            Ok(arch) => {
-                let cfg = ClipConfig::preset(arch);
-                let dir = args.out.join("backbone");
-                write_random_model(&dir, &cfg, args.seed)?;
-                (PathBuf::from("backbone"), cfg)
-            }
-            Err(_) => {
-                let dir = std::path::absolute(&args.arch)?;
-                let cfg = pe_clip_models::clip::load_config(&dir).with_context(|| {
-                    format!(
-                        "--arch {} is neither tiny/vit-b16/vit-b32 nor an HF CLIP directory",
-                        args.arch
-                    )
-                })?;
-                (dir, cfg)
-            }
-        };
-        let peclip = args.peclip.to_config();
-        peclip.validate(&clip_cfg)?;
-        RunConfig {
-            format_version: RUN_FORMAT_VERSION,
-            backbone: BackboneRef {
-                path: backbone,
-                vision_heads: clip_cfg.vision_config.num_attention_heads,
-                text_heads: clip_cfg.text_config.num_attention_heads,
-            },
-            preprocess: PreprocessSpec {
-                image_size: clip_cfg.vision_config.image_size,
-                pixel_norm: PixelNorm::None,
-            },
-            clip: clip_cfg,
-            peclip,
-            classes: ClassSet::default(),
-            created_by: created_by(),
-        }
+        new_run(&args)?
     };
     let (clip, tokenizer) = load_backbone(&run, &args.out, &device)?;
     let specs = trainable_specs(&run.peclip, &clip.config);
@@ -141,11 +101,83 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         run.classes.clone(),
         &tokenizer,
     )?;
+    let mut report = progress_reporter(cfg.epochs);
+    let job = TrainJob {
+        data: &args.data,
+        out: &args.out,
+        resume: args.resume,
+        stop_after: args.stop_after,
+    };
+    let state = train(&model, &run, &cfg, job, &mut report).context("training failed")?;
+    println!(
+        "{}: {} epochs done, best test UAR {:.2} % at epoch {}",
+        args.out.display(),
+        state.epochs_done,
+        100.0 * state.best_uar.max(0.0),
+        state.best_epoch.map_or("-".to_string(), |e| e.to_string())
+    );
+    Ok(super::EXIT_OK)
+}
+
+/// A fresh run's configuration: the backbone (a preset written with random weights into
+/// `OUT/backbone`, or an HF CLIP directory) and the PE-CLIP options of the command line.
+#[cfg(feature = "train")]
+fn new_run(args: &Args) -> anyhow::Result<pe_clip_models::peclip::RunConfig> {
+    use anyhow::Context;
+    use pe_clip_models::clip::random::write_random_model;
+    use pe_clip_models::clip::{Arch, ClipConfig};
+    use pe_clip_models::peclip::checkpoint::{created_by, BackboneRef, RUN_FORMAT_VERSION};
+    use pe_clip_models::peclip::RunConfig;
+    use pe_clip_models::{ClassSet, PixelNorm, PreprocessSpec};
+
+    let (backbone, clip_cfg) = match args.arch.parse::<Arch>() {
+        Ok(arch) => {
+            let cfg = ClipConfig::preset(arch);
+            let dir = args.out.join("backbone");
+            write_random_model(&dir, &cfg, args.seed)?;
+            (PathBuf::from("backbone"), cfg)
+        }
+        Err(_) => {
+            let dir = std::path::absolute(&args.arch)?;
+            let cfg = pe_clip_models::clip::load_config(&dir).with_context(|| {
+                format!(
+                    "--arch {} is neither tiny/vit-b16/vit-b32 nor an HF CLIP directory",
+                    args.arch
+                )
+            })?;
+            (dir, cfg)
+        }
+    };
+    let peclip = args.peclip.to_config();
+    peclip.validate(&clip_cfg)?;
+    Ok(RunConfig {
+        format_version: RUN_FORMAT_VERSION,
+        backbone: BackboneRef {
+            path: backbone,
+            vision_heads: clip_cfg.vision_config.num_attention_heads,
+            text_heads: clip_cfg.text_config.num_attention_heads,
+        },
+        preprocess: PreprocessSpec {
+            image_size: clip_cfg.vision_config.image_size,
+            pixel_norm: PixelNorm::None,
+        },
+        clip: clip_cfg,
+        peclip,
+        classes: ClassSet::default(),
+        created_by: created_by(),
+    })
+}
+
+/// What training shows on stderr: a progress bar per epoch on a terminal, and a line per
+/// finished epoch unless quiet.
+#[cfg(feature = "train")]
+fn progress_reporter(epochs: usize) -> impl FnMut(pe_clip_models::train::Progress<'_>) {
+    use pe_clip_models::train::Progress;
+
     let quiet = log::max_level() < log::LevelFilter::Warn;
-    let epochs = cfg.epochs;
     let show_bar = super::progress::want_bar_here(quiet);
     let mut bar: Option<indicatif::ProgressBar> = None;
-    let mut report = |p: Progress<'_>| match p {
+    move |p: Progress<'_>| match p {
         Progress::Step {
             epoch,
             batch,
@@ -183,22 +215,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             }
         }
         Progress::Step { .. } => {}
-    };
-    let job = TrainJob {
-        data: &args.data,
-        out: &args.out,
-        resume: args.resume,
-        stop_after: args.stop_after,
-    };
-    let state = train(&model, &run, &cfg, job, &mut report).context("training failed")?;
-    println!(
-        "{}: {} epochs done, best test UAR {:.2} % at epoch {}",
-        args.out.display(),
-        state.epochs_done,
-        100.0 * state.best_uar.max(0.0),
-        state.best_epoch.map_or("-".to_string(), |e| e.to_string())
-    );
-    Ok(super::EXIT_OK)
+    }
 }
 
 #[cfg(not(feature = "train"))]

@@ -54,20 +54,7 @@ fn write_package_with(
     files: &[(&str, &[u8])],
     carry_previous: bool,
 ) -> Result<()> {
-    if dir.exists() {
-        let is_package = dir.join(MANIFEST_FILE).is_file();
-        let empty = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .next()
-            .is_none();
-        if !is_package && !empty {
-            return Err(Error::package(
-                dir,
-                "exists and is not a pe-clip package; give a new or empty directory",
-            ));
-        }
-    }
-    let mut extra: Vec<(String, Vec<u8>)> = Vec::new();
+    check_replaceable(dir)?;
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -81,32 +68,7 @@ fn write_package_with(
         .prefix(&format!(".{name}.tmp-"))
         .tempdir_in(&parent)
         .map_err(|e| Error::io(&parent, e))?;
-    if dir.join(MANIFEST_FILE).is_file() {
-        extra.extend(files_under(dir, DRIVERS_DIR)?);
-        if carry_previous {
-            extra.extend(files_under(dir, PREVIOUS_DIR)?);
-        } else {
-            // The current package, if it verifies, becomes `previous/`.
-            match Package::open(dir) {
-                Ok(current) => {
-                    let mpath = dir.join(MANIFEST_FILE);
-                    extra.push((
-                        format!("{PREVIOUS_DIR}/{MANIFEST_FILE}"),
-                        std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?,
-                    ));
-                    for c in &current.manifest.checksums {
-                        let p = dir.join(&c.file);
-                        extra.push((
-                            format!("{PREVIOUS_DIR}/{}", c.file),
-                            std::fs::read(&p).map_err(|e| Error::io(&p, e))?,
-                        ));
-                    }
-                }
-                Err(e) => log::warn!("the package being replaced is not kept: {e}"),
-            }
-        }
-    }
-    for (rel, bytes) in &extra {
+    for (rel, bytes) in &carried_files(dir, carry_previous)? {
         let path = tmp.path().join(rel);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -126,21 +88,79 @@ fn write_package_with(
     let json = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::package(dir, format!("cannot serialise the manifest: {e}")))?;
     write_synced(&tmp.path().join(MANIFEST_FILE), &json)?;
-    // Move an existing package aside, put the new one in place, then drop the old one: at every
-    // moment `dir` is either the old package or the new one.
+    swap_in(
+        tmp.keep(),
+        dir,
+        &parent.join(format!(".{name}.old-{}", std::process::id())),
+    )
+}
+
+/// A package may be written over an existing package or into a new or empty directory only.
+fn check_replaceable(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let is_package = dir.join(MANIFEST_FILE).is_file();
+    let empty = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .next()
+        .is_none();
+    if !is_package && !empty {
+        return Err(Error::package(
+            dir,
+            "exists and is not a pe-clip package; give a new or empty directory",
+        ));
+    }
+    Ok(())
+}
+
+/// What the new version takes over from the package at `dir`: its `drivers/`, and either its
+/// `previous/` (`carry_previous`: a rollback) or the current version itself as `previous/` (when
+/// it verifies).
+fn carried_files(dir: &Path, carry_previous: bool) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut extra = Vec::new();
+    if !dir.join(MANIFEST_FILE).is_file() {
+        return Ok(extra);
+    }
+    extra.extend(files_under(dir, DRIVERS_DIR)?);
+    if carry_previous {
+        extra.extend(files_under(dir, PREVIOUS_DIR)?);
+        return Ok(extra);
+    }
+    match Package::open(dir) {
+        Ok(current) => {
+            let mpath = dir.join(MANIFEST_FILE);
+            extra.push((
+                format!("{PREVIOUS_DIR}/{MANIFEST_FILE}"),
+                std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?,
+            ));
+            for c in &current.manifest.checksums {
+                let p = dir.join(&c.file);
+                extra.push((
+                    format!("{PREVIOUS_DIR}/{}", c.file),
+                    std::fs::read(&p).map_err(|e| Error::io(&p, e))?,
+                ));
+            }
+        }
+        Err(e) => log::warn!("the package being replaced is not kept: {e}"),
+    }
+    Ok(extra)
+}
+
+/// Put the complete directory `tmp` in place of `dir`: move an existing package aside to `old`,
+/// rename `tmp` to `dir`, then drop `old` (on failure the old package is moved back).
+fn swap_in(tmp: PathBuf, dir: &Path, old: &Path) -> Result<()> {
     let old = if dir.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        std::fs::rename(dir, old).map_err(|e| Error::io(dir, e))?;
         Some(old)
     } else {
         None
     };
-    let tmp_path = tmp.keep();
-    if let Err(e) = std::fs::rename(&tmp_path, dir) {
-        if let Some(old) = &old {
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        if let Some(old) = old {
             let _ = std::fs::rename(old, dir);
         }
-        let _ = std::fs::remove_dir_all(&tmp_path);
+        let _ = std::fs::remove_dir_all(&tmp);
         return Err(Error::io(dir, e));
     }
     if let Some(old) = old {

@@ -190,6 +190,55 @@ fn reader(
     let _ = tx.send(Msg::End(result));
 }
 
+impl Counters {
+    /// Copy the reader's counts into `s`.
+    fn snapshot(&self, s: &mut RunStats) {
+        s.counts.frames = self.frames.load(Ordering::Relaxed);
+        s.counts.sampled = self.sampled.load(Ordering::Relaxed);
+        s.counts.dropped = self.dropped.load(Ordering::Relaxed);
+        s.counts.corrupt = self.corrupt.load(Ordering::Relaxed);
+    }
+}
+
+/// The model side of the run loop, for one sampled frame.
+struct Frame<'a> {
+    model: &'a mut StepModel,
+    streamer: &'a mut Streamer,
+    smoother: &'a mut Smoother,
+    classes: &'a [String],
+}
+
+impl Frame<'_> {
+    /// Step the model on `s`; on a prediction, smooth it and hand the event to `sink`. Records
+    /// the latencies in every one of `stats` (the whole run's, the interval's).
+    fn process(
+        &mut self,
+        s: Sampled,
+        sink: &mut dyn Sink,
+        stats: [&mut RunStats; 2],
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let steps_before = self.streamer.steps;
+        let pred = self.streamer.push(self.model, &s.bytes, s.index, s.t_ms)?;
+        let frame_ms = s.prep_ms + t0.elapsed().as_secs_f64() * 1e3;
+        let [run, interval] = stats;
+        run.counts.processed += 1;
+        run.counts.steps += self.streamer.steps - steps_before;
+        run.frame_latency.record(frame_ms);
+        interval.frame_latency.record(frame_ms);
+        if let Some(p) = pred {
+            let (smoothed, label) = self.smoother.update(&p.probs);
+            let latency_ms = s.arrived.elapsed().as_secs_f64() * 1e3;
+            let event = Event::new(&p, smoothed, label, self.classes, latency_ms, s.truth);
+            sink.event(&event)?;
+            run.counts.predictions += 1;
+            run.event_latency.record(latency_ms);
+            interval.event_latency.record(latency_ms);
+        }
+        Ok(())
+    }
+}
+
 /// Run `model` (loaded from `package`) over `source` until it ends or `stop` is set.
 pub fn run(
     package: &Package,
@@ -243,16 +292,10 @@ pub fn run(
     let mut stats = RunStats::default();
     let mut interval = RunStats::default();
     let mut last_report = Instant::now();
-    let snapshot = |s: &mut RunStats| {
-        s.counts.frames = counters.frames.load(Ordering::Relaxed);
-        s.counts.sampled = counters.sampled.load(Ordering::Relaxed);
-        s.counts.dropped = counters.dropped.load(Ordering::Relaxed);
-        s.counts.corrupt = counters.corrupt.load(Ordering::Relaxed);
-    };
     let outcome = loop {
         if let Some(every) = cfg.stats_every {
             if last_report.elapsed() >= every {
-                snapshot(&mut stats);
+                counters.snapshot(&mut stats);
                 let mut r = stats.report(started.elapsed().as_secs_f64());
                 // Percentiles of this interval; counters since the start.
                 r.frame_latency = interval.frame_latency.summary();
@@ -269,26 +312,17 @@ pub fn run(
                 break Err(Error::Stopped("the frame reader stopped unexpectedly"))
             }
         };
-        let s = match msg {
-            Msg::Frame(s) => s,
+        match msg {
+            Msg::Frame(s) => {
+                let mut frame = Frame {
+                    model: &mut *model,
+                    streamer: &mut streamer,
+                    smoother: &mut smoother,
+                    classes: &classes,
+                };
+                frame.process(s, sink, [&mut stats, &mut interval])?;
+            }
             Msg::End(r) => break r,
-        };
-        let t0 = Instant::now();
-        let steps_before = streamer.steps;
-        let pred = streamer.push(model, &s.bytes, s.index, s.t_ms)?;
-        let frame_ms = s.prep_ms + t0.elapsed().as_secs_f64() * 1e3;
-        stats.counts.processed += 1;
-        stats.counts.steps += streamer.steps - steps_before;
-        stats.frame_latency.record(frame_ms);
-        interval.frame_latency.record(frame_ms);
-        if let Some(p) = pred {
-            let (smoothed, label) = smoother.update(&p.probs);
-            let latency_ms = s.arrived.elapsed().as_secs_f64() * 1e3;
-            let event = Event::new(&p, smoothed, label, &classes, latency_ms, s.truth);
-            sink.event(&event)?;
-            stats.counts.predictions += 1;
-            stats.event_latency.record(latency_ms);
-            interval.event_latency.record(latency_ms);
         }
     };
     // The reader has sent End (or the loop failed): make it stop and wait for it.
@@ -296,7 +330,7 @@ pub fn run(
     drop(rx);
     let _ = reader_handle.join();
     let face_detections = outcome?;
-    snapshot(&mut stats);
+    counters.snapshot(&mut stats);
     Ok(RunSummary {
         source: description,
         stats: stats.report(started.elapsed().as_secs_f64()),

@@ -22,16 +22,36 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// The plot area in SVG units and the time it spans.
+struct Area {
+    left: f64,
+    top: f64,
+    pw: f64,
+    ph: f64,
+    t_end: f64,
+}
+
+impl Area {
+    fn x(&self, t: f64) -> f64 {
+        self.left + self.pw * t / self.t_end
+    }
+
+    fn y(&self, p: f64) -> f64 {
+        self.top + self.ph * (1.0 - p)
+    }
+}
+
 /// The SVG document for `events` (smoothed probabilities; partial windows drawn dashed).
 pub fn timeline_svg(classes: &[String], events: &[Event], title: &str) -> String {
     let (w, h) = (1000.0f64, 420.0f64);
     let (left, right, top, bottom) = (50.0, 150.0, 70.0, 40.0);
-    let pw = w - left - right;
-    let ph = h - top - bottom;
-    let t_end = events.last().map(|e| e.t_ms).unwrap_or(1.0).max(1.0);
-    let x = |t: f64| left + pw * t / t_end;
-    let y = |p: f64| top + ph * (1.0 - p);
-    let class_index = |name: &str| classes.iter().position(|c| c == name);
+    let area = Area {
+        left,
+        top,
+        pw: w - left - right,
+        ph: h - top - bottom,
+        t_end: events.last().map(|e| e.t_ms).unwrap_or(1.0).max(1.0),
+    };
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -43,7 +63,16 @@ pub fn timeline_svg(classes: &[String], events: &[Event], title: &str) -> String
         r#"<text x="{left}" y="16" font-size="14">{}</text>"#,
         esc(title)
     );
-    // Label bands: reported label, then truth.
+    label_bands(&mut s, &area, classes, events);
+    axes(&mut s, &area);
+    curves(&mut s, &area, classes, events);
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Label bands above the plot: the reported label, then the truth (each only when known).
+fn label_bands(s: &mut String, area: &Area, classes: &[String], events: &[Event]) {
+    let class_index = |name: &str| classes.iter().position(|c| c == name);
     type Pick<'a> = Box<dyn Fn(&Event) -> Option<usize> + 'a>;
     let bands: [(&str, f64, Pick); 2] = [
         ("label", 28.0, Box::new(|e: &Event| class_index(&e.label))),
@@ -60,7 +89,7 @@ pub fn timeline_svg(classes: &[String], events: &[Event], title: &str) -> String
         let _ = writeln!(
             s,
             r#"<text x="{}" y="{}" text-anchor="end">{name}</text>"#,
-            left - 4.0,
+            area.left - 4.0,
             by + 11.0
         );
         let mut prev_t = 0.0;
@@ -69,28 +98,34 @@ pub fn timeline_svg(classes: &[String], events: &[Event], title: &str) -> String
                 let _ = writeln!(
                     s,
                     r#"<rect x="{:.1}" y="{by}" width="{:.1}" height="14" fill="{}"/>"#,
-                    x(prev_t),
-                    (x(e.t_ms) - x(prev_t)).max(0.5),
+                    area.x(prev_t),
+                    (area.x(e.t_ms) - area.x(prev_t)).max(0.5),
                     colour(c)
                 );
             }
             prev_t = e.t_ms;
         }
     }
-    // Axes and grid.
+}
+
+/// Probability grid lines, time ticks at a round step, and the frame.
+fn axes(s: &mut String, area: &Area) {
+    let Area {
+        left, top, pw, ph, ..
+    } = *area;
     for i in 0..=4 {
         let p = i as f64 / 4.0;
         let _ = writeln!(
             s,
             r##"<line x1="{left}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{p:.2}</text>"##,
             left + pw,
-            y(p),
-            y(p),
+            area.y(p),
+            area.y(p),
             left - 4.0,
-            y(p) + 4.0
+            area.y(p) + 4.0
         );
     }
-    let secs = t_end / 1000.0;
+    let secs = area.t_end / 1000.0;
     let step = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]
         .into_iter()
         .find(|s| secs / s <= 12.0)
@@ -100,7 +135,7 @@ pub fn timeline_svg(classes: &[String], events: &[Event], title: &str) -> String
         let _ = writeln!(
             s,
             r##"<line x1="{0:.1}" x2="{0:.1}" y1="{top}" y2="{1:.1}" stroke="#eee"/><text x="{0:.1}" y="{2:.1}" text-anchor="middle">{t}s</text>"##,
-            x(t * 1000.0),
+            area.x(t * 1000.0),
             top + ph,
             top + ph + 16.0
         );
@@ -110,7 +145,10 @@ pub fn timeline_svg(classes: &[String], events: &[Event], title: &str) -> String
         s,
         r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>"##
     );
-    // One polyline per class.
+}
+
+/// One polyline per class (partial windows dashed) and the legend.
+fn curves(s: &mut String, area: &Area, classes: &[String], events: &[Event]) {
     for (c, name) in classes.iter().enumerate() {
         for partial in [true, false] {
             let pts: Vec<String> = events
@@ -119,7 +157,7 @@ pub fn timeline_svg(classes: &[String], events: &[Event], title: &str) -> String
                 .filter_map(|e| {
                     e.smoothed
                         .get(c)
-                        .map(|p| format!("{:.1},{:.1}", x(e.t_ms), y(*p as f64)))
+                        .map(|p| format!("{:.1},{:.1}", area.x(e.t_ms), area.y(*p as f64)))
                 })
                 .collect();
             if pts.is_empty() {
@@ -137,20 +175,18 @@ pub fn timeline_svg(classes: &[String], events: &[Event], title: &str) -> String
                 pts.join(" ")
             );
         }
-        let ly = top + 14.0 + 18.0 * c as f64;
+        let ly = area.top + 14.0 + 18.0 * c as f64;
         let _ = writeln!(
             s,
             r#"<rect x="{}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{}" y="{:.1}">{}</text>"#,
-            left + pw + 12.0,
+            area.left + area.pw + 12.0,
             ly - 10.0,
             colour(c),
-            left + pw + 30.0,
+            area.left + area.pw + 30.0,
             ly,
             esc(name)
         );
     }
-    s.push_str("</svg>\n");
-    s
 }
 
 /// Check that `path` names an SVG file (before a run, so that a long run is not wasted).

@@ -19,10 +19,12 @@ use candle_core::Tensor;
 use pe_clip_calibrate::fold::Linear;
 
 use crate::clip::config::HiddenAct;
+use crate::clip::encoder::EncoderLayer;
 use crate::clip::layers::{LayerNorm, Linear as CandleLinear};
 use crate::error::{Error, Result};
 use crate::peclip::adapter::TemporalAdapter;
 use crate::peclip::config::{ScaleAt, TemporalCell};
+use crate::peclip::model::VisionAdapters;
 use crate::peclip::PeClip;
 use crate::preprocess::{PixelNorm, CLIP_MEAN, CLIP_STD};
 use crate::zero_shot::l2_normalize;
@@ -176,27 +178,8 @@ impl FoldedModel {
                 vc.num_channels
             )));
         }
-        // Patch embedding on u8 channel-last patches: W'[o, (kh, kw, c)] = W[o, (c, kh, kw)] /
-        // (255 std_c), bias -Σ W mean_c / std_c.
-        let (mean, std) = match pixel_norm {
-            PixelNorm::Clip => (CLIP_MEAN, CLIP_STD),
-            PixelNorm::None => ([0.0; 3], [1.0; 3]),
-        };
         let w = vec1(&vision.embeddings.patch_weight)?;
-        let k = 3 * p * p;
-        let mut pw = vec![0f32; d * k];
-        let mut pb = vec![0f64; d];
-        for o in 0..d {
-            for c in 0..3 {
-                for kh in 0..p {
-                    for kw in 0..p {
-                        let v = w[o * k + c * p * p + kh * p + kw];
-                        pw[o * k + (kh * p + kw) * 3 + c] = v / (255.0 * std[c]);
-                        pb[o] -= f64::from(v) * f64::from(mean[c] / std[c]);
-                    }
-                }
-            }
-        }
+        let (patch, pb) = fold_patch_embedding(&w, d, p, pixel_norm);
         let pos = vec1(&vision.embeddings.position_embedding)?; // [1 + G², D]
         let patch_bias: Vec<f32> = (0..g * g)
             .flat_map(|r| {
@@ -220,50 +203,6 @@ impl FoldedModel {
         let depth = vprompts.len();
         let mut blocks = Vec::with_capacity(layers);
         for (i, (layer, ad)) in vision.layers.iter().zip(&model.vision_adapters).enumerate() {
-            let att = &layer.self_attn;
-            let hd = d / att.heads;
-            let mut q = linear(&att.q_proj)?;
-            scale_rows(&mut q, 0, d, (hd as f32).powf(-0.5));
-            let qkv = Linear::stack(&[&q, &linear(&att.k_proj)?, &linear(&att.v_proj)?]);
-            let out = linear(&att.out_proj)?;
-            let (attn_out, sha_up) = match &ad.shared {
-                Some(s) => (
-                    Linear::stack(&[&out, &out.then(&linear(&s.down)?)]),
-                    Some(linear(&s.up)?),
-                ),
-                None => (out, None),
-            };
-            let temporal = match &ad.temporal {
-                None => None,
-                Some(TemporalAdapter::Plain(a)) => Some(FoldedTemporal::Plain {
-                    down: linear(&a.down)?,
-                    up: linear(&a.up)?,
-                }),
-                Some(TemporalAdapter::Recurrent {
-                    ln,
-                    scale,
-                    down,
-                    up,
-                    cell,
-                    weights,
-                    scale_at,
-                }) => {
-                    let (gh, hidden) = weights.w_ih.dims2()?;
-                    let cell_linear = |w: &Tensor, b: &Tensor| -> Result<Linear> {
-                        Ok(Linear::new(vec1(w)?, vec1(b)?, gh, hidden))
-                    };
-                    Some(FoldedTemporal::Recurrent(FoldedTda {
-                        ln: norm(ln)?,
-                        scale_down: Linear::stack(&[&linear(scale)?, &linear(down)?]),
-                        cell: *cell,
-                        scale_at: *scale_at,
-                        w_ih: cell_linear(&weights.w_ih, &weights.b_ih)?,
-                        w_hh: cell_linear(&weights.w_hh, &weights.b_hh)?,
-                        up: linear(up)?,
-                        hidden,
-                    }))
-                }
-            };
             let rows_out = if i + 1 == layers {
                 1
             } else if i + 1 < depth {
@@ -271,24 +210,12 @@ impl FoldedModel {
             } else {
                 rows_all
             };
-            blocks.push(FoldedBlock {
-                prompts: if i >= 1 && i < depth {
-                    Some(vec1(&vprompts[i])?)
-                } else {
-                    None
-                },
-                ln1: norm(&layer.layer_norm1)?,
-                qkv,
-                heads: att.heads,
-                attn_out,
-                sha_up,
-                ln2: norm(&layer.layer_norm2)?,
-                fc1: linear(&layer.mlp.fc1)?,
-                fc2: linear(&layer.mlp.fc2)?,
-                act: layer.mlp.act,
-                temporal,
-                rows_out,
-            });
+            let prompts = if i >= 1 && i < depth {
+                Some(vec1(&vprompts[i])?)
+            } else {
+                None
+            };
+            blocks.push(fold_block(layer, ad, d, prompts, rows_out)?);
         }
         let text = l2_normalize(&model.text_features()?)?;
         let (classes, _) = text.dims2()?;
@@ -296,7 +223,7 @@ impl FoldedModel {
             image_size: vc.image_size,
             patch_size: p,
             width: d,
-            patch: Linear::new(pw, vec![0.0; d], d, k),
+            patch,
             patch_bias,
             ln_pre,
             cls_row,
@@ -361,4 +288,108 @@ impl FoldedModel {
         };
         8 + sha + tda
     }
+}
+
+/// The patch embedding on u8 channel-last patches with the pixel normalisation folded in:
+/// `W'[o, (kh, kw, c)] = W[o, (c, kh, kw)] / (255 std_c)`, and the bias `-Σ W mean_c / std_c`
+/// (f64, to be added to the positions).
+fn fold_patch_embedding(
+    w: &[f32],
+    d: usize,
+    p: usize,
+    pixel_norm: PixelNorm,
+) -> (Linear, Vec<f64>) {
+    let (mean, std) = match pixel_norm {
+        PixelNorm::Clip => (CLIP_MEAN, CLIP_STD),
+        PixelNorm::None => ([0.0; 3], [1.0; 3]),
+    };
+    let k = 3 * p * p;
+    let mut pw = vec![0f32; d * k];
+    let mut pb = vec![0f64; d];
+    for o in 0..d {
+        for c in 0..3 {
+            for kh in 0..p {
+                for kw in 0..p {
+                    let v = w[o * k + c * p * p + kh * p + kw];
+                    pw[o * k + (kh * p + kw) * 3 + c] = v / (255.0 * std[c]);
+                    pb[o] -= f64::from(v) * f64::from(mean[c] / std[c]);
+                }
+            }
+        }
+    }
+    (Linear::new(pw, vec![0.0; d], d, k), pb)
+}
+
+/// One vision block: q pre-scaled by `1/√head_dim` and stacked with k and v, the Shared
+/// Adapter's down-projection fused into the attention output, and its TDA.
+fn fold_block(
+    layer: &EncoderLayer,
+    ad: &VisionAdapters,
+    d: usize,
+    prompts: Option<Vec<f32>>,
+    rows_out: usize,
+) -> Result<FoldedBlock> {
+    let att = &layer.self_attn;
+    let hd = d / att.heads;
+    let mut q = linear(&att.q_proj)?;
+    scale_rows(&mut q, 0, d, (hd as f32).powf(-0.5));
+    let qkv = Linear::stack(&[&q, &linear(&att.k_proj)?, &linear(&att.v_proj)?]);
+    let out = linear(&att.out_proj)?;
+    let (attn_out, sha_up) = match &ad.shared {
+        Some(s) => (
+            Linear::stack(&[&out, &out.then(&linear(&s.down)?)]),
+            Some(linear(&s.up)?),
+        ),
+        None => (out, None),
+    };
+    Ok(FoldedBlock {
+        prompts,
+        ln1: norm(&layer.layer_norm1)?,
+        qkv,
+        heads: att.heads,
+        attn_out,
+        sha_up,
+        ln2: norm(&layer.layer_norm2)?,
+        fc1: linear(&layer.mlp.fc1)?,
+        fc2: linear(&layer.mlp.fc2)?,
+        act: layer.mlp.act,
+        temporal: fold_temporal(ad.temporal.as_ref())?,
+        rows_out,
+    })
+}
+
+/// A block's TDA: the dynamic scale stacked over the down-projection, the cell's weights as
+/// linear layers.
+fn fold_temporal(t: Option<&TemporalAdapter>) -> Result<Option<FoldedTemporal>> {
+    Ok(match t {
+        None => None,
+        Some(TemporalAdapter::Plain(a)) => Some(FoldedTemporal::Plain {
+            down: linear(&a.down)?,
+            up: linear(&a.up)?,
+        }),
+        Some(TemporalAdapter::Recurrent {
+            ln,
+            scale,
+            down,
+            up,
+            cell,
+            weights,
+            scale_at,
+        }) => {
+            let (gh, hidden) = weights.w_ih.dims2()?;
+            let cell_linear = |w: &Tensor, b: &Tensor| -> Result<Linear> {
+                Ok(Linear::new(vec1(w)?, vec1(b)?, gh, hidden))
+            };
+            Some(FoldedTemporal::Recurrent(FoldedTda {
+                ln: norm(ln)?,
+                scale_down: Linear::stack(&[&linear(scale)?, &linear(down)?]),
+                cell: *cell,
+                scale_at: *scale_at,
+                w_ih: cell_linear(&weights.w_ih, &weights.b_ih)?,
+                w_hh: cell_linear(&weights.w_hh, &weights.b_hh)?,
+                up: linear(up)?,
+                hidden,
+            }))
+        }
+    })
 }

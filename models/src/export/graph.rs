@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use pe_clip_calibrate::fold::Linear;
 use pe_clip_calibrate::graph::{Data, ElemType, Graph, LinearOpts};
 
-use super::fold::{FoldedModel, FoldedTemporal, Norm};
+use super::fold::{FoldedBlock, FoldedModel, FoldedTda, FoldedTemporal, Norm};
 use crate::clip::HiddenAct;
 use crate::package::io::{state_input, state_output, FEATURE_OUTPUT, FRAME_INPUT};
 use crate::peclip::{ScaleAt, TemporalCell};
@@ -109,45 +109,18 @@ impl Builder<'_> {
 
 /// Build the step graph of `m`.
 pub fn build_step_graph(m: &FoldedModel, opts: &BuildOptions) -> Graph {
-    let d = m.width;
     let mut b = Builder {
         g: Graph::new("pe-clip step"),
         opts,
     };
-    let (s, p) = (m.image_size, m.patch_size);
-    let gr = s / p;
-    let np = gr * gr;
     let rows_all = m.rows();
-    let n_ctx = m.prompt_rows();
-    let qa = opts.quantize_adapters;
-
-    // Patch embedding on raw u8 values (scaling folded), positions, ln_pre; constant rows.
-    let frame = b.g.input(FRAME_INPUT, ElemType::U8, &[1, s, s, 3]);
-    let f = b.g.cast(&frame, ElemType::F32);
-    let f =
-        b.g.reshape(&f, &[gr as i64, p as i64, gr as i64, p as i64, 3]);
-    let f = b.g.transpose(&f, &[0, 2, 1, 3, 4]);
-    let f = b.g.reshape(&f, &[np as i64, (p * p * 3) as i64]);
-    let pe = b.linear(&f, "patch", &m.patch, false);
-    let pb =
-        b.g.constant("patch_bias", &[np, d], Data::F32(m.patch_bias.clone()));
-    let pe = b.g.add(&pe, &pb);
-    let pe =
-        b.g.layer_norm(&pe, "ln_pre", &m.ln_pre.gamma, &m.ln_pre.beta, m.ln_pre.eps);
-    let cls =
-        b.g.constant("cls_row", &[1, d], Data::F32(m.cls_row.clone()));
-    let mut parts = vec![cls, pe];
-    if let Some(p0) = &m.prompt0_rows {
-        parts.push(b.g.constant("prompt_rows.0", &[n_ctx, d], Data::F32(p0.clone())));
-    }
-    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-    let mut x = b.g.concat(&refs, 0);
+    let mut x = b.embed(m);
     let mut rows = rows_all;
-
     let mut state_outputs: Vec<(String, String, Vec<usize>)> = Vec::new();
     for (i, blk) in m.blocks.iter().enumerate() {
         b.g.set_scope(&format!("block{i}"));
         if let Some(pr) = &blk.prompts {
+            let d = m.width;
             let n = pr.len() / d;
             let keep = rows_all - n;
             let kept = if rows > keep {
@@ -160,10 +133,86 @@ pub fn build_step_graph(m: &FoldedModel, opts: &BuildOptions) -> Graph {
             rows = rows_all;
         }
         let r = blk.rows_out;
+        let x1 = b.attention(&x, blk, m.width, rows);
+        // MLP.
+        let h = b.norm_linear(&x1, "fc1", &blk.ln2, &blk.fc1, true);
+        let h = b.act(&h, blk.act);
+        let mlp = b.linear(&h, "fc2", &blk.fc2, true);
+        // TDA.
+        let qa = opts.quantize_adapters;
+        let m2 = match &blk.temporal {
+            None => mlp,
+            Some(FoldedTemporal::Plain { down, up }) => {
+                let dn = b.linear(&mlp, "tda_down", down, qa);
+                let dn = b.g.gelu_erf(&dn);
+                let u = b.linear(&dn, "tda_up", up, qa);
+                b.g.add(&mlp, &u)
+            }
+            Some(FoldedTemporal::Recurrent(t)) => {
+                let (m2, state, width) = b.recurrent_tda(&mlp, t, i, r);
+                state_outputs.push((state, state_output(i), vec![r, width]));
+                m2
+            }
+        };
+        x = b.g.add(&x1, &m2);
+        rows = r;
+    }
+    b.g.set_scope("head");
+    // The class row (the last block keeps only it), ln_post folded into the projection.
+    let cls = if rows > 1 { b.g.slice(&x, 0, 0, 1) } else { x };
+    let feature = b.norm_linear(&cls, "proj", &m.ln_post, &m.proj, false);
+    let e = m.feature_dim();
+    b.g.set_scope("");
+    b.g.output(&feature, FEATURE_OUTPUT, ElemType::F32, Some(&[1, e]));
+    for (value, name, dims) in state_outputs {
+        b.g.output(&value, &name, ElemType::F32, Some(&dims));
+    }
+    b.g
+}
+
+impl Builder<'_> {
+    /// Patch embedding on raw u8 values (scaling folded), positions, ln_pre; then the constant
+    /// rows (class row, first-layer prompts). Returns the `[rows, width]` token matrix.
+    fn embed(&mut self, m: &FoldedModel) -> String {
+        let d = m.width;
+        let (s, p) = (m.image_size, m.patch_size);
+        let gr = s / p;
+        let np = gr * gr;
+        let b = self;
+        let frame = b.g.input(FRAME_INPUT, ElemType::U8, &[1, s, s, 3]);
+        let f = b.g.cast(&frame, ElemType::F32);
+        let f =
+            b.g.reshape(&f, &[gr as i64, p as i64, gr as i64, p as i64, 3]);
+        let f = b.g.transpose(&f, &[0, 2, 1, 3, 4]);
+        let f = b.g.reshape(&f, &[np as i64, (p * p * 3) as i64]);
+        let pe = b.linear(&f, "patch", &m.patch, false);
+        let pb =
+            b.g.constant("patch_bias", &[np, d], Data::F32(m.patch_bias.clone()));
+        let pe = b.g.add(&pe, &pb);
+        let pe =
+            b.g.layer_norm(&pe, "ln_pre", &m.ln_pre.gamma, &m.ln_pre.beta, m.ln_pre.eps);
+        let cls =
+            b.g.constant("cls_row", &[1, d], Data::F32(m.cls_row.clone()));
+        let mut parts = vec![cls, pe];
+        if let Some(p0) = &m.prompt0_rows {
+            parts.push(b.g.constant(
+                "prompt_rows.0",
+                &[m.prompt_rows(), d],
+                Data::F32(p0.clone()),
+            ));
+        }
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        b.g.concat(&refs, 0)
+    }
+
+    /// Attention with the Shared Adapter and the residual: keys and values from all `rows`,
+    /// queries only for the rows the block keeps. Returns `[rows_out, d]`.
+    fn attention(&mut self, x: &str, blk: &FoldedBlock, d: usize, rows: usize) -> String {
+        let b = self;
+        let r = blk.rows_out;
         let heads = blk.heads as i64;
         let hd = (d / blk.heads) as i64;
-        // Attention: keys and values from all rows, queries only for the rows kept.
-        let qkv = b.norm_linear(&x, "qkv", &blk.ln1, &blk.qkv, true);
+        let qkv = b.norm_linear(x, "qkv", &blk.ln1, &blk.qkv, true);
         let q = b.cols(&qkv, 0, d);
         let q = if r < rows { b.g.slice(&q, 0, 0, r) } else { q };
         let k = b.cols(&qkv, d, 2 * d);
@@ -185,125 +234,117 @@ pub fn build_step_graph(m: &FoldedModel, opts: &BuildOptions) -> Graph {
                 let a = b.cols(&ao, 0, d);
                 let dn = b.cols(&ao, d, blk.attn_out.out_dim);
                 let dn = b.g.gelu_erf(&dn);
-                let u = b.linear(&dn, "sha_up", up, qa);
+                let u = b.linear(&dn, "sha_up", up, b.opts.quantize_adapters);
                 b.g.add(&a, &u)
             }
             None => ao,
         };
         let xr = if r < rows {
-            b.g.slice(&x, 0, 0, r)
+            b.g.slice(x, 0, 0, r)
         } else {
-            x.clone()
+            x.to_string()
         };
-        let x1 = b.g.add(&xr, &a);
-        // MLP.
-        let h = b.norm_linear(&x1, "fc1", &blk.ln2, &blk.fc1, true);
-        let h = b.act(&h, blk.act);
-        let mlp = b.linear(&h, "fc2", &blk.fc2, true);
-        // TDA.
-        let m2 = match &blk.temporal {
-            None => mlp,
-            Some(FoldedTemporal::Plain { down, up }) => {
-                let dn = b.linear(&mlp, "tda_down", down, qa);
-                let dn = b.g.gelu_erf(&dn);
-                let u = b.linear(&dn, "tda_up", up, qa);
-                b.g.add(&mlp, &u)
-            }
-            Some(FoldedTemporal::Recurrent(t)) => {
-                let hdim = t.hidden;
-                let z = b.norm_linear(&mlp, "tda_in", &t.ln, &t.scale_down, qa);
-                let sc = b.cols(&z, 0, 1);
-                let sc = b.g.relu(&sc);
-                let mut dn = b.cols(&z, 1, 1 + hdim);
-                if t.scale_at == ScaleAt::Input {
-                    dn = b.g.mul(&dn, &sc);
-                }
-                let width = if t.cell == TemporalCell::Lstm {
-                    2 * hdim
-                } else {
-                    hdim
-                };
-                let st = b.g.input(&state_input(i), ElemType::F32, &[r, width]);
-                let h_prev = if t.cell == TemporalCell::Lstm {
-                    b.cols(&st, 0, hdim)
-                } else {
-                    st.clone()
-                };
-                let gi = b.linear(&dn, "cell_ih", &t.w_ih, false);
-                let gh = b.linear(&h_prev, "cell_hh", &t.w_hh, false);
-                let (h_new, state) = match t.cell {
-                    TemporalCell::Gru => {
-                        // PyTorch order r, z, n; the reset gate multiplies (W_hn h + b_hn).
-                        let gi_rz = b.cols(&gi, 0, 2 * hdim);
-                        let gh_rz = b.cols(&gh, 0, 2 * hdim);
-                        let rz = b.g.add(&gi_rz, &gh_rz);
-                        let rz = b.g.sigmoid(&rz);
-                        let rg = b.cols(&rz, 0, hdim);
-                        let zg = b.cols(&rz, hdim, 2 * hdim);
-                        let gi_n = b.cols(&gi, 2 * hdim, 3 * hdim);
-                        let gh_n = b.cols(&gh, 2 * hdim, 3 * hdim);
-                        let rn = b.g.mul(&rg, &gh_n);
-                        let n = b.g.add(&gi_n, &rn);
-                        let n = b.g.tanh(&n);
-                        // h' = n + z ⊙ (h - n)
-                        let diff = b.g.sub(&h_prev, &n);
-                        let zd = b.g.mul(&zg, &diff);
-                        let h = b.g.add(&n, &zd);
-                        (h.clone(), h)
-                    }
-                    TemporalCell::Rnn => {
-                        let s = b.g.add(&gi, &gh);
-                        let h = b.g.tanh(&s);
-                        (h.clone(), h)
-                    }
-                    TemporalCell::Lstm => {
-                        // PyTorch order i, f, g, o.
-                        let c_prev = b.cols(&st, hdim, 2 * hdim);
-                        let gates = b.g.add(&gi, &gh);
-                        let ig = b.cols(&gates, 0, hdim);
-                        let ig = b.g.sigmoid(&ig);
-                        let fg = b.cols(&gates, hdim, 2 * hdim);
-                        let fg = b.g.sigmoid(&fg);
-                        let gg = b.cols(&gates, 2 * hdim, 3 * hdim);
-                        let gg = b.g.tanh(&gg);
-                        let og = b.cols(&gates, 3 * hdim, 4 * hdim);
-                        let og = b.g.sigmoid(&og);
-                        let fc = b.g.mul(&fg, &c_prev);
-                        let ic = b.g.mul(&ig, &gg);
-                        let c = b.g.add(&fc, &ic);
-                        let tc = b.g.tanh(&c);
-                        let h = b.g.mul(&og, &tc);
-                        let state = b.g.concat(&[&h, &c], 1);
-                        (h, state)
-                    }
-                    TemporalCell::None => unreachable!("a cell-less TDA folds to Plain"),
-                };
-                state_outputs.push((state, state_output(i), vec![r, width]));
-                let hs = if t.scale_at == ScaleAt::GruOutput {
-                    b.g.mul(&h_new, &sc)
-                } else {
-                    h_new
-                };
-                let hs = b.g.gelu_erf(&hs);
-                let mut u = b.linear(&hs, "tda_up", &t.up, qa);
-                if t.scale_at == ScaleAt::PostUp {
-                    u = b.g.mul(&u, &sc);
-                }
-                b.g.add(&mlp, &u)
-            }
+        b.g.add(&xr, &a)
+    }
+
+    /// The Temporal Dynamic Adapter of block `i` with its recurrent cell and dynamic scaling,
+    /// added to `mlp` (`[r, d]`). Returns the sum, the next-state value and the state width.
+    fn recurrent_tda(
+        &mut self,
+        mlp: &str,
+        t: &FoldedTda,
+        i: usize,
+        r: usize,
+    ) -> (String, String, usize) {
+        let b = self;
+        let qa = b.opts.quantize_adapters;
+        let hdim = t.hidden;
+        let z = b.norm_linear(mlp, "tda_in", &t.ln, &t.scale_down, qa);
+        let sc = b.cols(&z, 0, 1);
+        let sc = b.g.relu(&sc);
+        let mut dn = b.cols(&z, 1, 1 + hdim);
+        if t.scale_at == ScaleAt::Input {
+            dn = b.g.mul(&dn, &sc);
+        }
+        let width = if t.cell == TemporalCell::Lstm {
+            2 * hdim
+        } else {
+            hdim
         };
-        x = b.g.add(&x1, &m2);
-        rows = r;
+        let st = b.g.input(&state_input(i), ElemType::F32, &[r, width]);
+        let h_prev = if t.cell == TemporalCell::Lstm {
+            b.cols(&st, 0, hdim)
+        } else {
+            st.clone()
+        };
+        let gi = b.linear(&dn, "cell_ih", &t.w_ih, false);
+        let gh = b.linear(&h_prev, "cell_hh", &t.w_hh, false);
+        let (h_new, state) = match t.cell {
+            TemporalCell::Gru => {
+                let h = b.gru(&gi, &gh, &h_prev, hdim);
+                (h.clone(), h)
+            }
+            TemporalCell::Rnn => {
+                let s = b.g.add(&gi, &gh);
+                let h = b.g.tanh(&s);
+                (h.clone(), h)
+            }
+            TemporalCell::Lstm => b.lstm(&gi, &gh, &st, hdim),
+            TemporalCell::None => unreachable!("a cell-less TDA folds to Plain"),
+        };
+        let hs = if t.scale_at == ScaleAt::GruOutput {
+            b.g.mul(&h_new, &sc)
+        } else {
+            h_new
+        };
+        let hs = b.g.gelu_erf(&hs);
+        let mut u = b.linear(&hs, "tda_up", &t.up, qa);
+        if t.scale_at == ScaleAt::PostUp {
+            u = b.g.mul(&u, &sc);
+        }
+        (b.g.add(mlp, &u), state, width)
     }
-    b.g.set_scope("head");
-    // The class row (the last block keeps only it), ln_post folded into the projection.
-    let cls = if rows > 1 { b.g.slice(&x, 0, 0, 1) } else { x };
-    let feature = b.norm_linear(&cls, "proj", &m.ln_post, &m.proj, false);
-    let e = m.feature_dim();
-    b.g.set_scope("");
-    b.g.output(&feature, FEATURE_OUTPUT, ElemType::F32, Some(&[1, e]));
-    for (value, name, dims) in state_outputs {
-        b.g.output(&value, &name, ElemType::F32, Some(&dims));
+
+    /// A GRU step from the input and hidden projections `gi`, `gh` (PyTorch gate order r, z, n;
+    /// the reset gate multiplies `W_hn h + b_hn`): `h' = n + z ⊙ (h - n)`.
+    fn gru(&mut self, gi: &str, gh: &str, h_prev: &str, hdim: usize) -> String {
+        let b = self;
+        let gi_rz = b.cols(gi, 0, 2 * hdim);
+        let gh_rz = b.cols(gh, 0, 2 * hdim);
+        let rz = b.g.add(&gi_rz, &gh_rz);
+        let rz = b.g.sigmoid(&rz);
+        let rg = b.cols(&rz, 0, hdim);
+        let zg = b.cols(&rz, hdim, 2 * hdim);
+        let gi_n = b.cols(gi, 2 * hdim, 3 * hdim);
+        let gh_n = b.cols(gh, 2 * hdim, 3 * hdim);
+        let rn = b.g.mul(&rg, &gh_n);
+        let n = b.g.add(&gi_n, &rn);
+        let n = b.g.tanh(&n);
+        let diff = b.g.sub(h_prev, &n);
+        let zd = b.g.mul(&zg, &diff);
+        b.g.add(&n, &zd)
     }
-    b.g
+
+    /// An LSTM step (PyTorch gate order i, f, g, o) on the state `[h | c]`: returns `h'` and
+    /// the next state `[h' | c']`.
+    fn lstm(&mut self, gi: &str, gh: &str, st: &str, hdim: usize) -> (String, String) {
+        let b = self;
+        let c_prev = b.cols(st, hdim, 2 * hdim);
+        let gates = b.g.add(gi, gh);
+        let ig = b.cols(&gates, 0, hdim);
+        let ig = b.g.sigmoid(&ig);
+        let fg = b.cols(&gates, hdim, 2 * hdim);
+        let fg = b.g.sigmoid(&fg);
+        let gg = b.cols(&gates, 2 * hdim, 3 * hdim);
+        let gg = b.g.tanh(&gg);
+        let og = b.cols(&gates, 3 * hdim, 4 * hdim);
+        let og = b.g.sigmoid(&og);
+        let fc = b.g.mul(&fg, &c_prev);
+        let ic = b.g.mul(&ig, &gg);
+        let c = b.g.add(&fc, &ic);
+        let tc = b.g.tanh(&c);
+        let h = b.g.mul(&og, &tc);
+        let state = b.g.concat(&[&h, &c], 1);
+        (h, state)
+    }
 }

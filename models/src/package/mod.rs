@@ -9,8 +9,10 @@
 
 pub mod io;
 pub mod manifest;
+mod validate;
 
 /// Names of an int8 linear layer's constants (`L.x_scale`, `L.weight_q`, ...).
 pub use pe_clip_calibrate::site as int8;
 
 pub use manifest::*;
+pub use validate::{limits, ManifestError};

@@ -44,23 +44,45 @@ pub fn infer_peclip_config(
         text_shared: has(&format!("{t0}adapter_pre_attn.down_proj.weight")),
         text: has(&format!("{t0}adapter_pre_mlp.down_proj.weight")),
     };
+    let reduction = infer_reduction(weights, &v0, &t0, clip)?;
+    let temporal_cell = if adapters.temporal {
+        infer_cell(weights, &v0)?
+    } else {
+        TemporalCell::Gru
+    };
+    let prompts = match prompt_prefix {
+        Some(p) => infer_prompts(weights, p),
+        None => PromptConfig {
+            enabled: false,
+            ..PromptConfig::default()
+        },
+    };
+    let cfg = PeClipConfig {
+        reduction: reduction.unwrap_or(8),
+        prompts,
+        adapters,
+        temporal_cell,
+        ..PeClipConfig::default()
+    };
+    cfg.validate(clip)
+        .map_err(|e| Error::invalid(weights.path(), e.to_string()))?;
+    Ok(cfg)
+}
+
+/// The adapters' reduction factor (width / bottleneck), which all adapters present must share;
+/// `None` without adapters. `v0`, `t0`: the key prefixes of the first vision and text blocks.
+fn infer_reduction(
+    weights: &Weights,
+    v0: &str,
+    t0: &str,
+    clip: &ClipConfig,
+) -> Result<Option<usize>> {
+    let (dv, dt) = (clip.vision_config.hidden_size, clip.text_config.hidden_size);
     let down_keys = [
-        (
-            format!("{v0}adapter_pre_attn.down_proj.weight"),
-            clip.vision_config.hidden_size,
-        ),
-        (
-            format!("{v0}adapter_pre_mlp.down_proj.weight"),
-            clip.vision_config.hidden_size,
-        ),
-        (
-            format!("{t0}adapter_pre_attn.down_proj.weight"),
-            clip.text_config.hidden_size,
-        ),
-        (
-            format!("{t0}adapter_pre_mlp.down_proj.weight"),
-            clip.text_config.hidden_size,
-        ),
+        (format!("{v0}adapter_pre_attn.down_proj.weight"), dv),
+        (format!("{v0}adapter_pre_mlp.down_proj.weight"), dv),
+        (format!("{t0}adapter_pre_attn.down_proj.weight"), dt),
+        (format!("{t0}adapter_pre_mlp.down_proj.weight"), dt),
     ];
     let mut reduction = None;
     for (key, width) in &down_keys {
@@ -81,61 +103,43 @@ pub fn infer_peclip_config(
             }
         }
     }
-    let temporal_cell = if adapters.temporal {
-        match weights.shape_of(&format!("{v0}adapter_pre_mlp.rnn.weight_ih_l0")) {
-            None => TemporalCell::None,
-            Some(s) => {
-                let b = weights
-                    .shape_of(&format!("{v0}adapter_pre_mlp.down_proj.weight"))
-                    .map_or(1, |d| d[0].max(1));
-                match s[0] / b {
-                    3 => TemporalCell::Gru,
-                    4 => TemporalCell::Lstm,
-                    1 => TemporalCell::Rnn,
-                    g => {
-                        return Err(Error::invalid(
-                            weights.path(),
-                            format!("temporal cell with {g} gates is not known"),
-                        ))
-                    }
-                }
-            }
-        }
-    } else {
-        TemporalCell::Gru
+    Ok(reduction)
+}
+
+/// The TDA's recurrent cell from its gate count (`W_ih` rows over the bottleneck); no cell
+/// weights: a plain bottleneck.
+fn infer_cell(weights: &Weights, v0: &str) -> Result<TemporalCell> {
+    let Some(s) = weights.shape_of(&format!("{v0}adapter_pre_mlp.rnn.weight_ih_l0")) else {
+        return Ok(TemporalCell::None);
     };
-    let prompts = match prompt_prefix {
-        Some(p) => {
-            let ctx = weights
-                .shape_of(&format!("{p}prompt_learner.ctx"))
-                .map(<[usize]>::to_vec)
-                .unwrap_or_default();
-            let deep = (0..)
-                .take_while(|j| {
-                    weights.contains(&format!("{p}prompt_learner.compound_prompts_text.{j}"))
-                })
-                .count();
-            PromptConfig {
-                enabled: true,
-                depth: deep + 1,
-                tokens: ctx.first().copied().unwrap_or(0),
-            }
-        }
-        None => PromptConfig {
-            enabled: false,
-            ..PromptConfig::default()
-        },
-    };
-    let cfg = PeClipConfig {
-        reduction: reduction.unwrap_or(8),
-        prompts,
-        adapters,
-        temporal_cell,
-        ..PeClipConfig::default()
-    };
-    cfg.validate(clip)
-        .map_err(|e| Error::invalid(weights.path(), e.to_string()))?;
-    Ok(cfg)
+    let b = weights
+        .shape_of(&format!("{v0}adapter_pre_mlp.down_proj.weight"))
+        .map_or(1, |d| d[0].max(1));
+    match s[0] / b {
+        3 => Ok(TemporalCell::Gru),
+        4 => Ok(TemporalCell::Lstm),
+        1 => Ok(TemporalCell::Rnn),
+        g => Err(Error::invalid(
+            weights.path(),
+            format!("temporal cell with {g} gates is not known"),
+        )),
+    }
+}
+
+/// MaPLe's prompt depth and context length from the prompt learner's keys under `p`.
+fn infer_prompts(weights: &Weights, p: &str) -> PromptConfig {
+    let ctx = weights
+        .shape_of(&format!("{p}prompt_learner.ctx"))
+        .map(<[usize]>::to_vec)
+        .unwrap_or_default();
+    let deep = (0..)
+        .take_while(|j| weights.contains(&format!("{p}prompt_learner.compound_prompts_text.{j}")))
+        .count();
+    PromptConfig {
+        enabled: true,
+        depth: deep + 1,
+        tokens: ctx.first().copied().unwrap_or(0),
+    }
 }
 
 /// Convert a reference checkpoint (safetensors) into a run directory `out` holding its backbone

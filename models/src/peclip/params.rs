@@ -113,163 +113,143 @@ pub fn trainable_specs(cfg: &PeClipConfig, clip: &ClipConfig) -> Vec<ParamSpec> 
     for i in 0..clip.vision_config.num_hidden_layers {
         let p = format!("visual.transformer.resblocks.{i}");
         if a.vision_shared {
-            default_linear(
-                &mut out,
-                &format!("{p}.adapter_pre_attn.down_proj"),
-                dv,
-                bv,
-                Part::VisionShared,
-            );
-            default_linear(
-                &mut out,
-                &format!("{p}.adapter_pre_attn.up_proj"),
-                bv,
-                dv,
-                Part::VisionShared,
-            );
+            let ada = format!("{p}.adapter_pre_attn");
+            bottleneck(&mut out, &ada, dv, bv, Part::VisionShared);
         }
         if a.temporal {
             let t = format!("{p}.adapter_pre_mlp");
-            let part = Part::Temporal;
-            if cfg.temporal_cell == TemporalCell::None {
-                default_linear(&mut out, &format!("{t}.down_proj"), dv, bv, part);
-                default_linear(&mut out, &format!("{t}.up_proj"), bv, dv, part);
-                continue;
+            match cfg.temporal_cell {
+                TemporalCell::None => bottleneck(&mut out, &t, dv, bv, Part::Temporal),
+                cell => recurrent_tda(&mut out, &t, dv, bv, cell),
             }
-            let kaiming = ParamInit::Uniform(1.0 / (dv as f32).sqrt());
-            for (name, init) in [("weight", 1.0), ("bias", 0.0)] {
-                out.push(ParamSpec {
-                    name: format!("{t}.adapter_layer_norm_before.{name}"),
-                    shape: vec![dv],
-                    init: ParamInit::Const(init),
-                    part,
-                });
-            }
-            linear(
-                &mut out,
-                &format!("{t}.scale"),
-                dv,
-                1,
-                part,
-                kaiming.clone(),
-                ParamInit::Const(0.0),
-            );
-            linear(
-                &mut out,
-                &format!("{t}.down_proj"),
-                dv,
-                bv,
-                part,
-                kaiming,
-                ParamInit::Const(0.0),
-            );
-            let gates = match cfg.temporal_cell {
-                TemporalCell::Gru => 3,
-                TemporalCell::Lstm => 4,
-                TemporalCell::Rnn | TemporalCell::None => 1,
-            };
-            let cell = ParamInit::Uniform(1.0 / (bv as f32).sqrt());
-            for (name, shape) in [
-                ("weight_ih_l0", vec![gates * bv, bv]),
-                ("weight_hh_l0", vec![gates * bv, bv]),
-                ("bias_ih_l0", vec![gates * bv]),
-                ("bias_hh_l0", vec![gates * bv]),
-            ] {
-                out.push(ParamSpec {
-                    name: format!("{t}.rnn.{name}"),
-                    shape,
-                    init: cell.clone(),
-                    part,
-                });
-            }
-            linear(
-                &mut out,
-                &format!("{t}.up_proj"),
-                bv,
-                dv,
-                part,
-                ParamInit::Const(0.0),
-                ParamInit::Const(0.0),
-            );
         }
     }
     for i in 0..clip.text_config.num_hidden_layers {
         let p = format!("transformer.resblocks.{i}");
         if a.text_shared {
-            default_linear(
-                &mut out,
-                &format!("{p}.adapter_pre_attn.down_proj"),
-                dt,
-                bt,
-                Part::TextShared,
-            );
-            default_linear(
-                &mut out,
-                &format!("{p}.adapter_pre_attn.up_proj"),
-                bt,
-                dt,
-                Part::TextShared,
-            );
+            let ada = format!("{p}.adapter_pre_attn");
+            bottleneck(&mut out, &ada, dt, bt, Part::TextShared);
         }
         if a.text {
-            default_linear(
+            bottleneck(
                 &mut out,
-                &format!("{p}.adapter_pre_mlp.down_proj"),
+                &format!("{p}.adapter_pre_mlp"),
                 dt,
                 bt,
-                Part::Text,
-            );
-            default_linear(
-                &mut out,
-                &format!("{p}.adapter_pre_mlp.up_proj"),
-                bt,
-                dt,
                 Part::Text,
             );
         }
     }
     if cfg.prompts.enabled {
-        let n = cfg.prompts.tokens;
-        out.push(ParamSpec {
-            name: "prompt_learner.ctx".into(),
-            shape: vec![n, dt],
-            init: ParamInit::Normal(0.02),
-            part: Part::PromptContext,
-        });
-        default_linear(
-            &mut out,
-            "prompt_learner.proj",
-            dt,
-            dv,
-            Part::PromptProjection,
-        );
-        for j in 0..cfg.prompts.depth - 1 {
-            out.push(ParamSpec {
-                name: format!("prompt_learner.compound_prompts_text.{j}"),
-                shape: vec![n, dt],
-                init: ParamInit::Normal(0.02),
-                part: Part::DeepPrompts,
-            });
-        }
-        for j in 0..cfg.prompts.depth - 1 {
-            let name = format!("prompt_learner.compound_prompt_projections.{j}");
-            if j == 0 {
-                default_linear(&mut out, &name, dt, dv, Part::DeepProjections);
-            } else {
-                let first = "prompt_learner.compound_prompt_projections.0";
-                linear(
-                    &mut out,
-                    &name,
-                    dt,
-                    dv,
-                    Part::DeepProjections,
-                    ParamInit::CopyOf(format!("{first}.weight")),
-                    ParamInit::CopyOf(format!("{first}.bias")),
-                );
-            }
-        }
+        prompt_learner(&mut out, cfg.prompts.tokens, cfg.prompts.depth, dt, dv);
     }
     out
+}
+
+/// A bottleneck adapter `prefix.{down_proj, up_proj}`: `d -> b -> d`, default initialisation.
+fn bottleneck(out: &mut Vec<ParamSpec>, prefix: &str, d: usize, b: usize, part: Part) {
+    default_linear(out, &format!("{prefix}.down_proj"), d, b, part);
+    default_linear(out, &format!("{prefix}.up_proj"), b, d, part);
+}
+
+/// The recurrent TDA at `t`: its LayerNorm, the dynamic scale and down-projection (Kaiming
+/// uniform, zero bias), the cell in PyTorch's layout and init, and a zero up-projection (the
+/// adapter starts as the identity).
+fn recurrent_tda(out: &mut Vec<ParamSpec>, t: &str, dv: usize, bv: usize, cell: TemporalCell) {
+    let part = Part::Temporal;
+    let kaiming = ParamInit::Uniform(1.0 / (dv as f32).sqrt());
+    for (name, init) in [("weight", 1.0), ("bias", 0.0)] {
+        out.push(ParamSpec {
+            name: format!("{t}.adapter_layer_norm_before.{name}"),
+            shape: vec![dv],
+            init: ParamInit::Const(init),
+            part,
+        });
+    }
+    let zero = ParamInit::Const(0.0);
+    linear(
+        out,
+        &format!("{t}.scale"),
+        dv,
+        1,
+        part,
+        kaiming.clone(),
+        zero.clone(),
+    );
+    linear(
+        out,
+        &format!("{t}.down_proj"),
+        dv,
+        bv,
+        part,
+        kaiming,
+        zero.clone(),
+    );
+    let gates = match cell {
+        TemporalCell::Gru => 3,
+        TemporalCell::Lstm => 4,
+        TemporalCell::Rnn | TemporalCell::None => 1,
+    };
+    let init = ParamInit::Uniform(1.0 / (bv as f32).sqrt());
+    for (name, shape) in [
+        ("weight_ih_l0", vec![gates * bv, bv]),
+        ("weight_hh_l0", vec![gates * bv, bv]),
+        ("bias_ih_l0", vec![gates * bv]),
+        ("bias_hh_l0", vec![gates * bv]),
+    ] {
+        out.push(ParamSpec {
+            name: format!("{t}.rnn.{name}"),
+            shape,
+            init: init.clone(),
+            part,
+        });
+    }
+    linear(
+        out,
+        &format!("{t}.up_proj"),
+        bv,
+        dv,
+        part,
+        zero.clone(),
+        zero,
+    );
+}
+
+/// MaPLe's prompt learner: `tokens` context vectors and their projection, and `depth - 1` deep
+/// prompts with projections (all deep projections start as copies of the first).
+fn prompt_learner(out: &mut Vec<ParamSpec>, tokens: usize, depth: usize, dt: usize, dv: usize) {
+    out.push(ParamSpec {
+        name: "prompt_learner.ctx".into(),
+        shape: vec![tokens, dt],
+        init: ParamInit::Normal(0.02),
+        part: Part::PromptContext,
+    });
+    default_linear(out, "prompt_learner.proj", dt, dv, Part::PromptProjection);
+    for j in 0..depth - 1 {
+        out.push(ParamSpec {
+            name: format!("prompt_learner.compound_prompts_text.{j}"),
+            shape: vec![tokens, dt],
+            init: ParamInit::Normal(0.02),
+            part: Part::DeepPrompts,
+        });
+    }
+    for j in 0..depth - 1 {
+        let name = format!("prompt_learner.compound_prompt_projections.{j}");
+        if j == 0 {
+            default_linear(out, &name, dt, dv, Part::DeepProjections);
+        } else {
+            let first = "prompt_learner.compound_prompt_projections.0";
+            linear(
+                out,
+                &name,
+                dt,
+                dv,
+                Part::DeepProjections,
+                ParamInit::CopyOf(format!("{first}.weight")),
+                ParamInit::CopyOf(format!("{first}.bias")),
+            );
+        }
+    }
 }
 
 /// Parameter counts per part and in total.

@@ -1,13 +1,16 @@
 //! Training PE-CLIP: the optimiser, the learning-rate schedule and the training step.
 
+mod eval;
+mod loader;
 pub mod optim;
 pub mod run;
 pub mod schedule;
+pub mod state;
 pub mod step;
 
+pub use eval::evaluate;
 pub use optim::{AdamW, AdamWParams};
-pub use run::{
-    read_state, train, EpochRecord, Progress, ProgressCallback, TrainConfig, TrainJob, TrainState,
-};
+pub use run::{train, Progress, ProgressCallback, TrainJob};
 pub use schedule::CosineSchedule;
+pub use state::{read_state, EpochRecord, TrainConfig, TrainState, TRAIN_STATE_VERSION};
 pub use step::{cross_entropy, train_step, Optimizers};

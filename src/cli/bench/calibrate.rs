@@ -1,5 +1,7 @@
 //! `pe-clip bench calibrate`: on-device range re-calibration against running the same clips.
 
+use std::path::{Path, PathBuf};
+
 use super::{copy_package, median, package_or_demo};
 
 #[derive(Debug, clap::Args)]
@@ -35,26 +37,11 @@ pub(super) fn run_calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
     let tmp = tempfile::tempdir()?;
     let clips_dir = match &a.clips {
         Some(d) => d.clone(),
-        None => {
-            use pe_clip_models::synth::{write_dataset, DatasetOptions, SynthOptions};
-            let d = tmp.path().join("data");
-            write_dataset(
-                &d,
-                &DatasetOptions {
-                    train: 0,
-                    test: a.count,
-                    seed: 77,
-                    size: source.manifest.preprocess.image_size as u32,
-                    clip: SynthOptions {
-                        min_frames: a.frames,
-                        max_frames: a.frames,
-                        infrared: true,
-                        distractors: true,
-                    },
-                },
-            )?;
-            d.join("Clip").join("clip_224x224")
-        }
+        None => night_clips(
+            &tmp.path().join("data"),
+            &a,
+            source.manifest.preprocess.image_size,
+        )?,
     };
     let pkg_dir = tmp.path().join("package");
     copy_package(&source, &pkg_dir)?;
@@ -64,21 +51,7 @@ pub(super) fn run_calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
     for _ in 0..a.repeat.max(1) {
         // Running the clips: open the package, load the model and the clips, step every frame.
         let t = std::time::Instant::now();
-        let p = crate::package::Package::open(&pkg_dir)?;
-        let found = crate::frames::clips::discover(&clips_dir, &p.class_names())?;
-        let loaded = crate::frames::clips::load_clips(
-            &p.preprocess_spec(),
-            &found,
-            p.manifest.temporal.window,
-            RoiPolicy::Full,
-        )?;
-        let mut step = p.step_model()?;
-        for c in &loaded.clips {
-            let mut state = step.zero_state();
-            for f in &c.frames {
-                std::hint::black_box(step.step(f, &mut state)?);
-            }
-        }
+        run_clips(&pkg_dir, &clips_dir)?;
         run_s.push(t.elapsed().as_secs_f64());
         // Calibrating them (and writing the package; each round rolls back first).
         let t = std::time::Instant::now();
@@ -129,4 +102,47 @@ pub(super) fn run_calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
         );
     }
     Ok(crate::cli::EXIT_OK)
+}
+
+/// `a.count` synthetic infrared clips of `a.frames` frames under `data`; returns their folder.
+fn night_clips(data: &Path, a: &CalibrateArgs, size: usize) -> anyhow::Result<PathBuf> {
+    use pe_clip_models::synth::{write_dataset, DatasetOptions, SynthOptions};
+    write_dataset(
+        data,
+        &DatasetOptions {
+            train: 0,
+            test: a.count,
+            seed: 77,
+            size: size as u32,
+            clip: SynthOptions {
+                min_frames: a.frames,
+                max_frames: a.frames,
+                infrared: true,
+                distractors: true,
+            },
+        },
+    )?;
+    Ok(data.join("Clip").join("clip_224x224"))
+}
+
+/// What running the clips costs: open the package, load its model and the clips, step every
+/// frame of every clip.
+fn run_clips(pkg_dir: &Path, clips_dir: &Path) -> anyhow::Result<()> {
+    use crate::frames::roi::RoiPolicy;
+    let p = crate::package::Package::open(pkg_dir)?;
+    let found = crate::frames::clips::discover(clips_dir, &p.class_names())?;
+    let loaded = crate::frames::clips::load_clips(
+        &p.preprocess_spec(),
+        &found,
+        p.manifest.temporal.window,
+        RoiPolicy::Full,
+    )?;
+    let mut step = p.step_model()?;
+    for c in &loaded.clips {
+        let mut state = step.zero_state();
+        for f in &c.frames {
+            std::hint::black_box(step.step(f, &mut state)?);
+        }
+    }
+    Ok(())
 }

@@ -89,14 +89,15 @@ pub(super) fn run_driver(a: DriverArgs) -> anyhow::Result<u8> {
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use pe_clip_calibrate::profile::{self, FitOptions};
+use pe_clip_calibrate::profile::{self, ClipFeatures, FitOptions};
+use pe_clip_models::synth::ClipSpec;
 use serde::Serialize;
 
 use crate::calibration::labelled_features;
 use crate::error::{Error, Result};
 use crate::frames::clips::{load_clips, LabelledClip};
 use crate::frames::roi::RoiPolicy;
-use crate::package::Package;
+use crate::package::{Head, Package};
 
 /// How [`evaluate_profiles`] builds its synthetic drivers.
 #[derive(Debug, Clone)]
@@ -146,8 +147,7 @@ pub fn evaluate_profiles(
     work: &Path,
     opts: &DriverEvalOptions,
 ) -> Result<DriverEval> {
-    use pe_clip_models::metrics::Confusion;
-    use pe_clip_models::synth::{person_clips, write_clips, PersonOptions, SynthOptions};
+    use pe_clip_models::synth::write_clips;
     let t0 = Instant::now();
     let neutral = package.neutral_class()?;
     let reference = package
@@ -172,40 +172,9 @@ pub fn evaluate_profiles(
     let head = &package.manifest.head;
     let mut step = package.step_model()?;
     let mut scores = Vec::new();
-    let n_train = opts.neutral_clips.max(opts.labelled_clips);
     for d in 0..opts.drivers {
         let seed = opts.seed + d as u64;
-        // Fitting clips first (class by class), then the held-out ones.
-        let all: Vec<usize> = (0..classes.len()).collect();
-        let (_, mut specs) = person_clips(&PersonOptions {
-            seed,
-            size,
-            clip: SynthOptions {
-                infrared: opts.infrared,
-                ..SynthOptions::default()
-            },
-            shift: opts.shift,
-            clips_per_class: n_train + opts.test_clips,
-            classes: all.clone(),
-        });
-        let per = n_train + opts.test_clips;
-        let mut train = Vec::new();
-        let mut test = Vec::new();
-        for (k, spec) in specs.drain(..).enumerate() {
-            let i = k % per;
-            let wanted = if spec.label == neutral {
-                opts.neutral_clips
-            } else {
-                opts.labelled_clips
-            };
-            if i < n_train {
-                if i < wanted {
-                    train.push(spec);
-                }
-            } else {
-                test.push(spec);
-            }
-        }
+        let (train, test) = driver_clips(opts, seed, size, neutral, classes.len());
         let dir = work.join(format!("driver-{seed}"));
         let _ = std::fs::remove_dir_all(&dir);
         let to_local = |v: Vec<(PathBuf, usize)>| -> Vec<LabelledClip> {
@@ -236,18 +205,7 @@ pub fn evaluate_profiles(
         .map_err(|e| Error::calibrate("driver profile fit", e))?;
         let none = profile::Correction::none(head.feature_dim, classes.len());
         let held = labelled_features(&mut step, &test_clips.clips)?;
-        let score = |c: &profile::Correction| {
-            let mut m = Confusion::new(classes.len());
-            for f in &held {
-                let l = c.logits(&head.text_features, head.logit_scale, &f.sum, f.frames);
-                m.add(f.label, pe_clip_models::prediction::argmax(&l));
-            }
-            let metrics = m.metrics();
-            (
-                metrics.uar,
-                metrics.per_class_recall[neutral].unwrap_or(0.0),
-            )
-        };
+        let score = |c: &profile::Correction| held_out_score(c, head, &held, neutral);
         let (ub, nb) = score(&none);
         let (ua, na) = score(&corr);
         let _ = std::fs::remove_dir_all(&dir);
@@ -267,4 +225,66 @@ pub fn evaluate_profiles(
         drivers: scores,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// One synthetic driver's clips: for each class, the fitting clips (`neutral_clips` neutral,
+/// `labelled_clips` of each other class), then `test_clips` held out.
+fn driver_clips(
+    opts: &DriverEvalOptions,
+    seed: u64,
+    size: u32,
+    neutral: usize,
+    classes: usize,
+) -> (Vec<ClipSpec>, Vec<ClipSpec>) {
+    use pe_clip_models::synth::{person_clips, PersonOptions, SynthOptions};
+    let n_train = opts.neutral_clips.max(opts.labelled_clips);
+    let per = n_train + opts.test_clips;
+    let (_, specs) = person_clips(&PersonOptions {
+        seed,
+        size,
+        clip: SynthOptions {
+            infrared: opts.infrared,
+            ..SynthOptions::default()
+        },
+        shift: opts.shift,
+        clips_per_class: per,
+        classes: (0..classes).collect(),
+    });
+    let mut train = Vec::new();
+    let mut test = Vec::new();
+    for (k, spec) in specs.into_iter().enumerate() {
+        let i = k % per;
+        let wanted = if spec.label == neutral {
+            opts.neutral_clips
+        } else {
+            opts.labelled_clips
+        };
+        if i < n_train {
+            if i < wanted {
+                train.push(spec);
+            }
+        } else {
+            test.push(spec);
+        }
+    }
+    (train, test)
+}
+
+/// UAR and neutral recall of the head corrected by `c` on the held-out clips.
+fn held_out_score(
+    c: &profile::Correction,
+    head: &Head,
+    held: &[ClipFeatures],
+    neutral: usize,
+) -> (f64, f64) {
+    let mut m = pe_clip_models::metrics::Confusion::new(head.text_features.len());
+    for f in held {
+        let l = c.logits(&head.text_features, head.logit_scale, &f.sum, f.frames);
+        m.add(f.label, pe_clip_models::prediction::argmax(&l));
+    }
+    let metrics = m.metrics();
+    (
+        metrics.uar,
+        metrics.per_class_recall[neutral].unwrap_or(0.0),
+    )
 }

@@ -185,7 +185,7 @@ fn export_random(
     smooth_alpha: f32,
     per_channel: bool,
 ) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    use crate::export::{export, ExportOptions, Int8Options};
+    use crate::export::{ExportOptions, Int8Options};
     use crate::frames::clips::LabelledClip;
     use crate::package::{sha256_hex, Provenance};
     use pe_clip_calibrate::ObserverKind;
@@ -243,6 +243,8 @@ fn export_random(
         pe_clip_version: env!("CARGO_PKG_VERSION").to_string(),
         created_unix: 0,
     };
+    let calib = clips(Split::Train).unwrap_or_default();
+    let check = clips(Split::Test)?;
     let mut out = Vec::new();
     for int8 in [false, true] {
         let opts = ExportOptions {
@@ -251,39 +253,48 @@ fn export_random(
                 smooth_alpha: (smooth_alpha > 0.0).then_some(smooth_alpha),
                 per_channel,
                 quantize_adapters: false,
-                calib: clips(Split::Train).unwrap_or_default(),
+                calib: calib.clone(),
                 calib_source: "synthetic clips".into(),
             }),
-            check: if int8 {
-                clips(Split::Test)?
-            } else {
-                Vec::new()
-            },
+            check: if int8 { check.clone() } else { Vec::new() },
             check_source: "synthetic clips".into(),
             window: 16,
             stride: Some(1),
             face_crop: "none".into(),
         };
         let p = dir.join(if int8 { "int8" } else { "f32" });
-        let t = std::time::Instant::now();
-        let r = export(&model, &spec, provenance.clone(), &p, &opts)?;
-        log::info!(
-            "exported {} in {:.1} s",
-            p.display(),
-            t.elapsed().as_secs_f64()
-        );
-        if let Some(f) = r.quantization.as_ref().and_then(|q| q.fidelity.as_ref()) {
-            log::info!(
-                "int8 vs f32 on {} clips: agreement {:.3}, logit cosine mean {:.5} min {:.5}",
-                f.clips,
-                f.top1_agreement,
-                f.logit_cosine_mean,
-                f.logit_cosine_min
-            );
-        }
+        export_logged(&model, &spec, &provenance, &p, &opts)?;
         out.push(p);
     }
     Ok(out)
+}
+
+/// `export`, logging the time it took and the int8 fidelity.
+#[cfg(feature = "train")]
+fn export_logged(
+    model: &pe_clip_models::peclip::PeClip,
+    spec: &pe_clip_models::PreprocessSpec,
+    provenance: &crate::package::Provenance,
+    p: &std::path::Path,
+    opts: &crate::export::ExportOptions,
+) -> anyhow::Result<()> {
+    let t = std::time::Instant::now();
+    let r = crate::export::export(model, spec, provenance.clone(), p, opts)?;
+    log::info!(
+        "exported {} in {:.1} s",
+        p.display(),
+        t.elapsed().as_secs_f64()
+    );
+    if let Some(f) = r.quantization.as_ref().and_then(|q| q.fidelity.as_ref()) {
+        log::info!(
+            "int8 vs f32 on {} clips: agreement {:.3}, logit cosine mean {:.5} min {:.5}",
+            f.clips,
+            f.top1_agreement,
+            f.logit_cosine_mean,
+            f.logit_cosine_min
+        );
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "train"))]

@@ -1,132 +1,33 @@
-//! Serialise a [`Graph`] to ONNX protobuf with tract's generated types (opset 17, IR version 8).
-//! Constants go in `raw_data` (little endian), as `onnx.checker` and both runtimes expect.
+//! The int8 layers of a step model as `pe_clip_calibrate::int8::quantize` writes them: found
+//! again by their constant names ([`SiteNames`]), with every size checked before use; their
+//! activation scales rewritten (`pe-clip calibrate`); or the whole model dequantized to f32.
 
-use pe_clip_calibrate::graph::{Attr, ElemType, Graph, Io};
+use pe_clip_calibrate::graph::ElemType;
 use pe_clip_calibrate::site::SiteNames;
-use prost::Message;
-pub use tract_onnx::pb;
 
-/// The operator set the step models use (`LayerNormalization` needs 17).
-pub const OPSET: i64 = 17;
-/// IR version matching opset 17.
-pub const IR_VERSION: i64 = 8;
-
-fn value_info(io: &Io) -> pb::ValueInfoProto {
-    let shape = io.dims.as_ref().map(|dims| pb::TensorShapeProto {
-        dim: dims
-            .iter()
-            .map(|&d| pb::tensor_shape_proto::Dimension {
-                denotation: String::new(),
-                value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d as i64)),
-            })
-            .collect(),
-    });
-    pb::ValueInfoProto {
-        name: io.name.clone(),
-        r#type: Some(pb::TypeProto {
-            denotation: String::new(),
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: io.elem.onnx_code(),
-                shape,
-            })),
-        }),
-        doc_string: String::new(),
-    }
-}
-
-fn attribute(name: &str, a: &Attr) -> pb::AttributeProto {
-    use pb::attribute_proto::AttributeType;
-    let mut p = pb::AttributeProto {
-        name: name.to_string(),
-        ..Default::default()
-    };
-    match a {
-        Attr::Int(i) => {
-            p.r#type = AttributeType::Int as i32;
-            p.i = *i;
-        }
-        Attr::Ints(v) => {
-            p.r#type = AttributeType::Ints as i32;
-            p.ints = v.clone();
-        }
-        Attr::Float(f) => {
-            p.r#type = AttributeType::Float as i32;
-            p.f = *f;
-        }
-    }
-    p
-}
-
-/// The graph as an ONNX `ModelProto`; `metadata` lands in `metadata_props`.
-pub fn to_model_proto(g: &Graph, metadata: &[(&str, String)]) -> pb::ModelProto {
-    let graph = pb::GraphProto {
-        name: g.name.clone(),
-        node: g
-            .nodes
-            .iter()
-            .map(|n| pb::NodeProto {
-                input: n.inputs.clone(),
-                output: n.outputs.clone(),
-                name: n.name.clone(),
-                op_type: n.op.clone(),
-                attribute: n.attrs.iter().map(|(k, a)| attribute(k, a)).collect(),
-                ..Default::default()
-            })
-            .collect(),
-        initializer: g
-            .constants
-            .iter()
-            .map(|c| pb::TensorProto {
-                dims: c.dims.iter().map(|&d| d as i64).collect(),
-                data_type: c.data.elem().onnx_code(),
-                name: c.name.clone(),
-                raw_data: c.data.to_le_bytes(),
-                ..Default::default()
-            })
-            .collect(),
-        input: g.inputs.iter().map(value_info).collect(),
-        output: g.outputs.iter().map(value_info).collect(),
-        ..Default::default()
-    };
-    pb::ModelProto {
-        ir_version: IR_VERSION,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: OPSET,
-        }],
-        producer_name: "pe-clip".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        graph: Some(graph),
-        metadata_props: metadata
-            .iter()
-            .map(|(k, v)| pb::StringStringEntryProto {
-                key: (*k).to_string(),
-                value: v.clone(),
-            })
-            .collect(),
-        ..Default::default()
-    }
-}
-
-/// The graph as ONNX bytes.
-pub fn to_bytes(g: &Graph, metadata: &[(&str, String)]) -> Vec<u8> {
-    to_model_proto(g, metadata).encode_to_vec()
-}
-
-/// Parse ONNX bytes (`context` names them in errors).
-pub fn decode(bytes: &[u8], context: &str) -> crate::error::Result<pb::ModelProto> {
-    pb::ModelProto::decode(bytes)
-        .map_err(|e| crate::error::Error::engine(context, format!("not an ONNX model: {e}")))
-}
+use super::pb;
+use crate::error::OnnxError;
 
 const FLOAT: i32 = ElemType::F32.onnx_code();
 const INT8: i32 = ElemType::I8.onnx_code();
 const INT32: i32 = ElemType::I32.onnx_code();
 
-fn graph_of(m: &pb::ModelProto) -> Result<&pb::GraphProto, String> {
-    m.graph
-        .as_ref()
-        .ok_or_else(|| "the model has no graph".to_string())
+fn tensor_error(t: &pb::TensorProto, reason: impl Into<String>) -> OnnxError {
+    OnnxError::Tensor {
+        tensor: t.name.clone(),
+        reason: reason.into(),
+    }
+}
+
+fn site_error(layer: &str, reason: impl Into<String>) -> OnnxError {
+    OnnxError::Site {
+        layer: layer.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn graph_of(m: &pb::ModelProto) -> Result<&pb::GraphProto, OnnxError> {
+    m.graph.as_ref().ok_or(OnnxError::NoGraph)
 }
 
 fn initializer<'a>(g: &'a pb::GraphProto, name: &str) -> Option<&'a pb::TensorProto> {
@@ -134,12 +35,11 @@ fn initializer<'a>(g: &'a pb::GraphProto, name: &str) -> Option<&'a pb::TensorPr
 }
 
 /// The 4-byte little-endian words of a tensor's raw data.
-fn words(t: &pb::TensorProto) -> Result<Vec<[u8; 4]>, String> {
+fn words(t: &pb::TensorProto) -> Result<Vec<[u8; 4]>, OnnxError> {
     if !t.raw_data.len().is_multiple_of(4) {
-        return Err(format!(
-            "{}: raw data of {} bytes",
-            t.name,
-            t.raw_data.len()
+        return Err(tensor_error(
+            t,
+            format!("raw data of {} bytes", t.raw_data.len()),
         ));
     }
     Ok(t.raw_data
@@ -148,9 +48,9 @@ fn words(t: &pb::TensorProto) -> Result<Vec<[u8; 4]>, String> {
         .collect())
 }
 
-fn f32s(t: &pb::TensorProto) -> Result<Vec<f32>, String> {
+fn f32s(t: &pb::TensorProto) -> Result<Vec<f32>, OnnxError> {
     if t.data_type != FLOAT {
-        return Err(format!("{} is not f32", t.name));
+        return Err(tensor_error(t, "is not f32"));
     }
     if t.raw_data.is_empty() {
         return Ok(t.float_data.clone());
@@ -158,9 +58,9 @@ fn f32s(t: &pb::TensorProto) -> Result<Vec<f32>, String> {
     Ok(words(t)?.into_iter().map(f32::from_le_bytes).collect())
 }
 
-fn i32s(t: &pb::TensorProto) -> Result<Vec<i32>, String> {
+fn i32s(t: &pb::TensorProto) -> Result<Vec<i32>, OnnxError> {
     if t.data_type != INT32 {
-        return Err(format!("{} is not i32", t.name));
+        return Err(tensor_error(t, "is not i32"));
     }
     if t.raw_data.is_empty() {
         return Ok(t.int32_data.clone());
@@ -168,9 +68,9 @@ fn i32s(t: &pb::TensorProto) -> Result<Vec<i32>, String> {
     Ok(words(t)?.into_iter().map(i32::from_le_bytes).collect())
 }
 
-fn i8s(t: &pb::TensorProto) -> Result<Vec<i8>, String> {
+fn i8s(t: &pb::TensorProto) -> Result<Vec<i8>, OnnxError> {
     if t.data_type != INT8 {
-        return Err(format!("{} is not i8", t.name));
+        return Err(tensor_error(t, "is not i8"));
     }
     if !t.raw_data.is_empty() {
         Ok(t.raw_data.iter().map(|&b| b as i8).collect())
@@ -189,7 +89,7 @@ fn f32_tensor(name: &str, dims: Vec<i64>, values: &[f32]) -> pb::TensorProto {
     }
 }
 
-/// One int8 linear layer of a step model, as `pe_clip_calibrate::graph::quantize` writes it
+/// One int8 linear layer of a step model, as `pe_clip_calibrate::int8::quantize` writes it
 /// (constant names: [`SiteNames`]): `QuantizeLinear(input, x_scale) → MatMulInteger(weight_q) →
 /// [Add(bias_q)] → Cast → Mul(rescale)`.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,22 +106,21 @@ pub struct QuantSite {
 /// where `quantize` puts them, or whose constants disagree in size (weight elements vs its
 /// shape, a rescale of neither 1 nor `out` values, a bias of other than `out`), is an error
 /// naming it: every index later taken from these constants is in range.
-pub fn quant_sites(m: &pb::ModelProto) -> Result<Vec<QuantSite>, String> {
+pub fn quant_sites(m: &pb::ModelProto) -> Result<Vec<QuantSite>, OnnxError> {
     use pe_clip_calibrate::requant::SiteScales;
     let g = graph_of(m)?;
     let mut out = Vec::new();
     for node in g.node.iter().filter(|n| n.op_type == "QuantizeLinear") {
         let scale_name = node.input.get(1).cloned().unwrap_or_default();
         let Some(site) = SiteNames::of_x_scale(&scale_name) else {
-            return Err(format!(
-                "QuantizeLinear {:?} does not read a `.x_scale` constant (not written by pe-clip)",
-                node.name
-            ));
+            return Err(OnnxError::ForeignQuantize {
+                node: node.name.clone(),
+            });
         };
         let name = site.layer();
         let need = |constant: String| {
             initializer(g, &constant)
-                .ok_or_else(|| format!("int8 layer {name}: no constant {constant}"))
+                .ok_or_else(|| site_error(name, format!("no constant {constant}")))
         };
         let x_scale = f32s(need(site.x_scale())?)?;
         let rescale = f32s(need(site.rescale())?)?;
@@ -229,23 +128,26 @@ pub fn quant_sites(m: &pb::ModelProto) -> Result<Vec<QuantSite>, String> {
         let (in_dim, out_dim) = match weight.dims[..] {
             [i, o] if i > 0 && o > 0 => (i as usize, o as usize),
             _ => {
-                return Err(format!(
-                    "int8 layer {name}: weight shape {:?} is not [in, out]",
-                    weight.dims
+                return Err(site_error(
+                    name,
+                    format!("weight shape {:?} is not [in, out]", weight.dims),
                 ))
             }
         };
         let weight_len = weight_elements(weight)?;
         if in_dim.checked_mul(out_dim) != Some(weight_len) {
-            return Err(format!(
-                "int8 layer {name}: weight has {weight_len} values for shape [{in_dim}, {out_dim}]"
+            return Err(site_error(
+                name,
+                format!("weight has {weight_len} values for shape [{in_dim}, {out_dim}]"),
             ));
         }
         if rescale.len() != 1 && rescale.len() != out_dim {
-            return Err(format!(
-                "int8 layer {name}: rescale has {} values; expected 1 or {out_dim} (one per \
-                 output column)",
-                rescale.len()
+            return Err(site_error(
+                name,
+                format!(
+                    "rescale has {} values; expected 1 or {out_dim} (one per output column)",
+                    rescale.len()
+                ),
             ));
         }
         let bias_q = match initializer(g, &site.bias_q()) {
@@ -254,9 +156,9 @@ pub fn quant_sites(m: &pb::ModelProto) -> Result<Vec<QuantSite>, String> {
         };
         if let Some(b) = &bias_q {
             if b.len() != out_dim {
-                return Err(format!(
-                    "int8 layer {name}: bias has {} values for {out_dim} output columns",
-                    b.len()
+                return Err(site_error(
+                    name,
+                    format!("bias has {} values for {out_dim} output columns", b.len()),
                 ));
             }
         }
@@ -266,7 +168,7 @@ pub fn quant_sites(m: &pb::ModelProto) -> Result<Vec<QuantSite>, String> {
             bias_q,
         };
         if x_scale.len() != 1 || !scales.is_valid() {
-            return Err(format!("int8 layer {name}: invalid scales {scales:?}"));
+            return Err(site_error(name, format!("invalid scales {scales:?}")));
         }
         out.push(QuantSite {
             name: name.to_string(),
@@ -280,9 +182,9 @@ pub fn quant_sites(m: &pb::ModelProto) -> Result<Vec<QuantSite>, String> {
 }
 
 /// Elements an int8 tensor holds (raw bytes, or the `int32_data` fallback).
-fn weight_elements(t: &pb::TensorProto) -> Result<usize, String> {
+fn weight_elements(t: &pb::TensorProto) -> Result<usize, OnnxError> {
     if t.data_type != INT8 {
-        return Err(format!("{} is not i8", t.name));
+        return Err(tensor_error(t, "is not i8"));
     }
     Ok(if t.raw_data.is_empty() {
         t.int32_data.len()
@@ -296,21 +198,22 @@ pub fn set_site_scales(
     m: &mut pb::ModelProto,
     name: &str,
     s: &pe_clip_calibrate::requant::SiteScales,
-) -> Result<(), String> {
-    let g = m
-        .graph
-        .as_mut()
-        .ok_or_else(|| "the model has no graph".to_string())?;
+) -> Result<(), OnnxError> {
+    let g = m.graph.as_mut().ok_or(OnnxError::NoGraph)?;
     let site = SiteNames::new(name);
-    let mut set = |full: String, data: Vec<u8>, len: usize| -> Result<(), String> {
-        let t = g
-            .initializer
-            .iter_mut()
-            .find(|t| t.name == full)
-            .ok_or_else(|| format!("no constant {full}"))?;
+    let mut set = |full: String, data: Vec<u8>, len: usize| -> Result<(), OnnxError> {
+        let Some(t) = g.initializer.iter_mut().find(|t| t.name == full) else {
+            return Err(OnnxError::Constant {
+                constant: full,
+                reason: "no such constant".into(),
+            });
+        };
         let elems: i64 = t.dims.iter().product();
         if elems as usize != len {
-            return Err(format!("{full}: {len} values for a tensor of {elems}"));
+            return Err(OnnxError::Constant {
+                constant: full,
+                reason: format!("{len} values for a tensor of {elems}"),
+            });
         }
         t.raw_data = data;
         t.float_data.clear();
@@ -333,26 +236,10 @@ pub fn set_site_scales(
     Ok(())
 }
 
-/// Add `names` (values computed inside the graph) as extra f32 outputs.
-pub fn add_outputs(m: &mut pb::ModelProto, names: &[String]) {
-    let Some(g) = m.graph.as_mut() else {
-        return;
-    };
-    for n in names {
-        if !g.output.iter().any(|o| &o.name == n) {
-            g.output.push(value_info(&Io {
-                name: n.clone(),
-                elem: pe_clip_calibrate::graph::ElemType::F32,
-                dims: None,
-            }));
-        }
-    }
-}
-
 /// The model with every int8 layer computed in f32 from its dequantized weights
 /// (`W = W_q·s_w`, `b = b_q·r`): the int8 model without activation quantization, the reference
 /// activation ranges are judged against when the original f32 model is not at hand.
-pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, String> {
+pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxError> {
     let sites = quant_sites(m)?;
     let mut out = m.clone();
     let g = out.graph.as_mut().expect("quant_sites checked the graph");
@@ -364,7 +251,7 @@ pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, String> {
             .node
             .iter()
             .position(|k| k.op_type == "QuantizeLinear" && k.output.first() == Some(&xq))
-            .ok_or_else(|| format!("int8 layer {n}: no QuantizeLinear writing {xq}"))?;
+            .ok_or_else(|| site_error(n, format!("no QuantizeLinear writing {xq}")))?;
         // The chain QuantizeLinear → MatMulInteger → [Add] → Cast → Mul, each reading the last.
         let mut chain = vec![pos];
         let mut last = xq.clone();
@@ -379,11 +266,10 @@ pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, String> {
                     chain.push(i);
                 }
                 None if op == "Add" => {}
-                None => return Err(format!("int8 layer {n}: no {op} after {last}")),
+                None => return Err(site_error(n, format!("no {op} after {last}"))),
             }
         }
-        let wq = i8s(initializer(g, &names.weight_q())
-            .ok_or_else(|| format!("int8 layer {n}: no weight"))?)?;
+        let wq = i8s(initializer(g, &names.weight_q()).ok_or_else(|| site_error(n, "no weight"))?)?;
         let sw = site.scales.weight_scales();
         let per_col = sw.len() > 1;
         let w: Vec<f32> = wq
@@ -397,36 +283,7 @@ pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, String> {
             vec![site.in_dim as i64, site.out_dim as i64],
             &w,
         ));
-        let mut nodes = Vec::new();
-        match site.scales.bias() {
-            Some(b) => {
-                let bname = format!("{n}.bias_deq");
-                g.initializer
-                    .push(f32_tensor(&bname, vec![site.out_dim as i64], &b));
-                let mm = format!("{n}.mm");
-                nodes.push(pb::NodeProto {
-                    input: vec![site.input.clone(), wname],
-                    output: vec![mm.clone()],
-                    name: format!("{mm}/node"),
-                    op_type: "MatMul".into(),
-                    ..Default::default()
-                });
-                nodes.push(pb::NodeProto {
-                    input: vec![mm, bname],
-                    output: vec![last.clone()],
-                    name: format!("{n}.bias_add/node"),
-                    op_type: "Add".into(),
-                    ..Default::default()
-                });
-            }
-            None => nodes.push(pb::NodeProto {
-                input: vec![site.input.clone(), wname],
-                output: vec![last.clone()],
-                name: format!("{n}.mm/node"),
-                op_type: "MatMul".into(),
-                ..Default::default()
-            }),
-        }
+        let nodes = f32_nodes(g, site, wname, &last);
         chain.sort_unstable();
         for &i in chain.iter().rev() {
             g.node.remove(i);
@@ -446,10 +303,54 @@ pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, String> {
     Ok(out)
 }
 
+/// The f32 replacement of an int8 layer: `MatMul(input, weight_deq)`, plus `Add(bias_deq)` when
+/// it has a bias (its constant added to `g`), writing `output`.
+fn f32_nodes(
+    g: &mut pb::GraphProto,
+    site: &QuantSite,
+    wname: String,
+    output: &str,
+) -> Vec<pb::NodeProto> {
+    let n = &site.name;
+    let node = |input: Vec<String>, output: &str, name: String, op: &str| pb::NodeProto {
+        input,
+        output: vec![output.to_string()],
+        name,
+        op_type: op.into(),
+        ..Default::default()
+    };
+    match site.scales.bias() {
+        Some(b) => {
+            let bname = format!("{n}.bias_deq");
+            g.initializer
+                .push(f32_tensor(&bname, vec![site.out_dim as i64], &b));
+            let mm = format!("{n}.mm");
+            vec![
+                node(
+                    vec![site.input.clone(), wname],
+                    &mm,
+                    format!("{mm}/node"),
+                    "MatMul",
+                ),
+                node(vec![mm, bname], output, format!("{n}.bias_add/node"), "Add"),
+            ]
+        }
+        None => vec![node(
+            vec![site.input.clone(), wname],
+            output,
+            format!("{n}.mm/node"),
+            "MatMul",
+        )],
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::to_model_proto;
     use super::*;
-    use pe_clip_calibrate::graph::{quantize, ElemType, LinearOpts, LinearRanges};
+    use pe_clip_calibrate::graph::Graph;
+    use pe_clip_calibrate::graph::{ElemType, LinearOpts};
+    use pe_clip_calibrate::int8::{quantize, LinearRanges};
     use std::collections::HashMap;
 
     /// One linear layer with a bias, and one without, quantized as the exporter does.
@@ -546,11 +447,11 @@ mod tests {
         let mut m = quantized(false);
         let g = m.graph.as_mut().unwrap();
         g.initializer.retain(|t| t.name != "a.rescale");
-        let e = quant_sites(&m).unwrap_err();
+        let e = quant_sites(&m).unwrap_err().to_string();
         assert!(e.contains("a.rescale"), "{e}");
         let g = m.graph.as_mut().unwrap();
         g.node[0].input[1] = "mystery".into();
-        let e = quant_sites(&m).unwrap_err();
+        let e = quant_sites(&m).unwrap_err().to_string();
         assert!(e.contains("not written by pe-clip"), "{e}");
     }
 
@@ -569,7 +470,8 @@ mod tests {
         // `a` has 2 output columns: a 3-value per-column rescale (the wrong width).
         let mut m = quantized(true);
         set_raw(&mut m, "a.rescale", f32_raw(&[0.1, 0.1, 0.1]), vec![3]);
-        for e in [quant_sites(&m).unwrap_err(), dequantized(&m).unwrap_err()] {
+        for e in [quant_sites(&m).unwrap_err(), dequantized(&m).unwrap_err()].map(|e| e.to_string())
+        {
             assert!(
                 e.contains("int8 layer a") && e.contains("rescale has 3"),
                 "{e}"
@@ -578,16 +480,19 @@ mod tests {
         // `b` has 1 output column and 2 inputs: a weight with one value missing.
         let mut m = quantized(false);
         set_raw(&mut m, "b.weight_q", vec![1], vec![2, 1]);
-        let e = dequantized(&m).unwrap_err();
+        let e = dequantized(&m).unwrap_err().to_string();
         assert!(e.contains("int8 layer b") && e.contains("1 values"), "{e}");
         // A bias longer than the output.
         let mut m = quantized(false);
         set_raw(&mut m, "a.bias_q", vec![0; 12], vec![3]);
-        let e = quant_sites(&m).unwrap_err();
+        let e = quant_sites(&m).unwrap_err().to_string();
         assert!(e.contains("bias has 3 values for 2"), "{e}");
         // A weight that is not 2-D.
         let mut m = quantized(false);
         set_raw(&mut m, "a.weight_q", vec![0; 6], vec![6]);
-        assert!(quant_sites(&m).unwrap_err().contains("not [in, out]"));
+        assert!(quant_sites(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("not [in, out]"));
     }
 }
