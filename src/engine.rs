@@ -119,10 +119,67 @@ fn state_slots(
     Ok(slots)
 }
 
+/// How a model's int8 products run on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Form {
+    /// As written: `MatMulInteger` on tract's i8 kernels (VNNI, AMX, Arm dot product).
+    Native,
+    /// `MatMul` of the int8 values widened to i32 ([`crate::onnx::widened_int8_matmuls`]):
+    /// bit-identical, and on x86-64 without VNNI as fast as f32 where the native form is about
+    /// 29 times slower (docs/device.md).
+    Widened,
+}
+
+impl Int8Form {
+    /// `PE_CLIP_INT8_MATMUL=native|widened` if set, else widened on x86-64 CPUs without
+    /// AVX-512 VNNI or AVX-VNNI, native elsewhere.
+    pub fn for_this_cpu() -> Self {
+        match std::env::var("PE_CLIP_INT8_MATMUL").as_deref() {
+            Ok("native") => return Int8Form::Native,
+            Ok("widened") => return Int8Form::Widened,
+            _ => {}
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            // Every AMX-INT8 CPU has AVX-512 VNNI.
+            let vnni = std::is_x86_feature_detected!("avx512vnni")
+                || std::is_x86_feature_detected!("avxvnni");
+            if !vnni {
+                return Int8Form::Widened;
+            }
+        }
+        Int8Form::Native
+    }
+}
+
+/// `bytes` in the int8 form this CPU runs fastest ([`Int8Form::for_this_cpu`]); a model without
+/// `MatMulInteger`, or whose int8 layers pe-clip did not write, stays as it is.
+fn for_this_cpu<'a>(bytes: &'a [u8], context: &str) -> std::borrow::Cow<'a, [u8]> {
+    use prost::Message;
+    const OP: &[u8] = b"MatMulInteger";
+    if Int8Form::for_this_cpu() == Int8Form::Native || !bytes.windows(OP.len()).any(|w| w == OP) {
+        return bytes.into();
+    }
+    let widened = crate::onnx::decode(bytes, context)
+        .and_then(|m| crate::onnx::widened_int8_matmuls(&m).map_err(|e| Error::engine(context, e)));
+    match widened {
+        Ok(m) => {
+            log::info!("{context}: int8 products widened to i32 for this CPU (no VNNI)");
+            m.encode_to_vec().into()
+        }
+        Err(e) => {
+            log::warn!("{context}: int8 layers kept as written: {e}");
+            bytes.into()
+        }
+    }
+}
+
 impl StepModel {
-    /// Load ONNX bytes (`context` names them in errors).
+    /// Load ONNX bytes (`context` names them in errors), int8 products in the form this CPU
+    /// runs fastest.
     pub fn from_onnx(bytes: &[u8], context: &str) -> Result<Self> {
         let err = |e: TractError| Error::engine(context, e);
+        let bytes = for_this_cpu(bytes, context);
         let model = tract_onnx::onnx()
             .model_for_read(&mut &bytes[..])
             .map_err(err)?;

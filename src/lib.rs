@@ -24,7 +24,7 @@ mod architecture {
         ("error", &[]),
         ("package", &["error"]),
         ("onnx", &["error"]),
-        ("engine", &["error", "package"]),
+        ("engine", &["error", "package", "onnx"]),
         ("frames", &["error", "package", "engine"]),
         ("runtime", &["error", "package", "engine", "frames"]),
         (

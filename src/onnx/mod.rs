@@ -8,7 +8,7 @@ pub use tract_onnx::pb;
 
 mod sites;
 
-pub use sites::{dequantized, quant_sites, set_site_scales, QuantSite};
+pub use sites::{dequantized, quant_sites, set_site_scales, widened_int8_matmuls, QuantSite};
 
 /// The operator set the step models use (`LayerNormalization` needs 17).
 pub const OPSET: i64 = 17;

@@ -344,6 +344,56 @@ fn f32_nodes(
     }
 }
 
+/// The model with every int8 layer's `MatMulInteger(x_q, W_q, 0, 0)` computed as
+/// `MatMul(Cast<i32>(x_q), Cast<i32>(W_q))`: the same exact i32 accumulator (zero points are 0),
+/// so the output is bit-identical. tract folds the weight cast at load (i32 weights: four times
+/// the int8 bytes in memory, as much as f32) and runs the i32 product on its AVX2 kernel's i32
+/// path, which is as fast as f32 there, where its i8 path is about 29 times slower
+/// (docs/device.md). Untouched when the model has no int8 layer.
+pub fn widened_int8_matmuls(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxError> {
+    let sites = quant_sites(m)?;
+    let mut out = m.clone();
+    let g = out.graph.as_mut().expect("quant_sites checked the graph");
+    for site in &sites {
+        let names = SiteNames::new(site.name.clone());
+        let (xq, wq) = (names.x_q(), names.weight_q());
+        let pos = g
+            .node
+            .iter()
+            .position(|k| {
+                k.op_type == "MatMulInteger"
+                    && k.input.first() == Some(&xq)
+                    && k.input.get(1) == Some(&wq)
+            })
+            .ok_or_else(|| site_error(&site.name, format!("no MatMulInteger reading {xq}")))?;
+        let acc = g.node[pos].output.first().cloned().unwrap_or_default();
+        let to_i32 = |input: &str, output: String| pb::NodeProto {
+            input: vec![input.to_string()],
+            output: vec![output.clone()],
+            name: format!("{output}/node"),
+            op_type: "Cast".into(),
+            attribute: vec![pb::AttributeProto {
+                name: "to".into(),
+                r#type: pb::attribute_proto::AttributeType::Int as i32,
+                i: i64::from(INT32),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (x32, w32) = (format!("{xq}.i32"), format!("{wq}.i32"));
+        let matmul = pb::NodeProto {
+            input: vec![x32.clone(), w32.clone()],
+            output: vec![acc.clone()],
+            name: format!("{acc}/node"),
+            op_type: "MatMul".into(),
+            ..Default::default()
+        };
+        g.node
+            .splice(pos..=pos, [to_i32(&xq, x32), to_i32(&wq, w32), matmul]);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::to_model_proto;
@@ -494,5 +544,53 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not [in, out]"));
+    }
+
+    /// The widened model computes the very same outputs as the int8 one (exact i32 products),
+    /// per tensor and per column.
+    #[test]
+    fn widened_int8_matmuls_give_identical_outputs() {
+        use prost::Message;
+        use tract_onnx::prelude::{tvec, Framework, InferenceModelExt, IntoRunnable, Tensor};
+        let run = |m: &pb::ModelProto| -> Vec<f32> {
+            let bytes = m.encode_to_vec();
+            let plan = tract_onnx::onnx()
+                .model_for_read(&mut &bytes[..])
+                .unwrap()
+                .into_optimized()
+                .unwrap()
+                .into_runnable()
+                .unwrap();
+            let x = Tensor::from_shape(&[1, 3], &[0.7f32, -1.9, 1.3]).unwrap();
+            let y = plan.run(tvec!(x.into())).unwrap();
+            y[0].try_as_plain_ram()
+                .unwrap()
+                .as_slice::<f32>()
+                .unwrap()
+                .to_vec()
+        };
+        for per_channel in [false, true] {
+            let m = quantized(per_channel);
+            let w = widened_int8_matmuls(&m).unwrap();
+            let ops = |m: &pb::ModelProto, op: &str| {
+                m.graph
+                    .as_ref()
+                    .unwrap()
+                    .node
+                    .iter()
+                    .filter(|n| n.op_type == op)
+                    .count()
+            };
+            assert_eq!((ops(&m, "MatMulInteger"), ops(&w, "MatMulInteger")), (2, 0));
+            assert_eq!(ops(&w, "MatMul"), 2);
+            assert_eq!(run(&m), run(&w), "per_channel {per_channel}");
+        }
+        // A model without int8 layers is returned as it is.
+        let mut g = Graph::new("f");
+        let x = g.input("x", ElemType::F32, &[1, 2]);
+        let y = g.linear(&x, "l", &[1.0, 2.0], 1, 2, LinearOpts::default());
+        g.output(&y, "y", ElemType::F32, Some(&[1, 1]));
+        let f = to_model_proto(&g, &[]);
+        assert_eq!(widened_int8_matmuls(&f).unwrap(), f);
     }
 }
