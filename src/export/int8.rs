@@ -102,7 +102,11 @@ pub(super) fn quantize_int8(
             clip_list_sha256: clip_list_sha256(q.calib.iter().map(|c| c.path.as_path())),
         },
         fidelity: fid,
-        ..recipe(q)
+        scheme: scheme(q.per_channel),
+        observer: q.observer.to_string(),
+        smooth_alpha: q.smooth_alpha,
+        per_channel: q.per_channel,
+        recalibration: None,
     };
     Ok(Int8Export {
         graph: gq,
@@ -111,33 +115,18 @@ pub(super) fn quantize_int8(
     })
 }
 
-/// The manifest's record of the int8 recipe `q` (counts, calibration and fidelity left empty).
-fn recipe(q: &Int8Options) -> Quantization {
-    Quantization {
-        scheme: format!(
-            "int8 linear layers: QuantizeLinear (signed int8, zero point 0) -> \
-             MatMulInteger -> i32 bias -> f32 rescale, {} weight scales; attention \
-             products, softmax, norms, activations and recurrent cells in f32",
-            if q.per_channel {
-                "per-column"
-            } else {
-                "per-tensor"
-            }
-        ),
-        observer: q.observer.to_string(),
-        smooth_alpha: q.smooth_alpha,
-        per_channel: q.per_channel,
-        quantized_layers: 0,
-        linear_layers: 0,
-        calibration: CalibrationSummary {
-            source: String::new(),
-            clips: 0,
-            frames: 0,
-            clip_list_sha256: String::new(),
-        },
-        fidelity: None,
-        recalibration: None,
-    }
+/// The manifest's words for the int8 scheme.
+fn scheme(per_channel: bool) -> String {
+    format!(
+        "int8 linear layers: QuantizeLinear (signed int8, zero point 0) -> MatMulInteger -> i32 \
+         bias -> f32 rescale, {} weight scales; attention products, softmax, norms, activations \
+         and recurrent cells in f32",
+        if per_channel {
+            "per-column"
+        } else {
+            "per-tensor"
+        }
+    )
 }
 
 /// Pass 1: per-channel input ranges of the LayerNorm-fed layers give SmoothQuant factors, and
