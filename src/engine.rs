@@ -8,6 +8,7 @@ use pe_clip_models::package::io::{state_input_block, state_output, FEATURE_OUTPU
 use tract_onnx::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::onnx::Widening;
 use crate::package::Package;
 
 /// One state input/output pair of the step model.
@@ -124,20 +125,20 @@ fn state_slots(
 pub enum Int8Form {
     /// As written: `MatMulInteger` on tract's i8 kernels (VNNI, AMX, Arm dot product).
     Native,
-    /// `MatMul` of the int8 values widened to i32 ([`crate::onnx::widened_int8_matmuls`]):
-    /// bit-identical, and on x86-64 without VNNI as fast as f32 where the native form is about
-    /// 29 times slower (docs/device.md).
-    Widened,
+    /// A `MatMul` of the int8 values widened to i32 or f32 ([`crate::onnx::widened_int8_matmuls`]).
+    Widened(Widening),
 }
 
 impl Int8Form {
-    /// `PE_CLIP_INT8_MATMUL=native|widened` if set, else widened on x86-64 CPUs without
-    /// AVX-512 VNNI or AVX-VNNI, native elsewhere.
+    /// `PE_CLIP_INT8_MATMUL=native|i32|f32` if set, else f32-widened on x86-64 CPUs without
+    /// AVX-512 VNNI or AVX-VNNI, native elsewhere (docs/device.md has the measurements).
     pub fn for_this_cpu() -> Self {
         match std::env::var("PE_CLIP_INT8_MATMUL").as_deref() {
             Ok("native") => return Int8Form::Native,
-            Ok("widened") => return Int8Form::Widened,
-            _ => {}
+            Ok("i32") => return Int8Form::Widened(Widening::I32),
+            Ok("f32") => return Int8Form::Widened(Widening::F32),
+            Ok(other) => log::warn!("PE_CLIP_INT8_MATMUL={other} ignored (native, i32 or f32)"),
+            Err(_) => {}
         }
         #[cfg(target_arch = "x86_64")]
         {
@@ -145,7 +146,7 @@ impl Int8Form {
             let vnni = std::is_x86_feature_detected!("avx512vnni")
                 || std::is_x86_feature_detected!("avxvnni");
             if !vnni {
-                return Int8Form::Widened;
+                return Int8Form::Widened(Widening::F32);
             }
         }
         Int8Form::Native
@@ -157,14 +158,16 @@ impl Int8Form {
 fn for_this_cpu<'a>(bytes: &'a [u8], context: &str) -> std::borrow::Cow<'a, [u8]> {
     use prost::Message;
     const OP: &[u8] = b"MatMulInteger";
-    if Int8Form::for_this_cpu() == Int8Form::Native || !bytes.windows(OP.len()).any(|w| w == OP) {
-        return bytes.into();
-    }
-    let widened = crate::onnx::decode(bytes, context)
-        .and_then(|m| crate::onnx::widened_int8_matmuls(&m).map_err(|e| Error::engine(context, e)));
+    let to = match Int8Form::for_this_cpu() {
+        Int8Form::Widened(to) if bytes.windows(OP.len()).any(|w| w == OP) => to,
+        _ => return bytes.into(),
+    };
+    let widened = crate::onnx::decode(bytes, context).and_then(|m| {
+        crate::onnx::widened_int8_matmuls(&m, to).map_err(|e| Error::engine(context, e))
+    });
     match widened {
         Ok(m) => {
-            log::info!("{context}: int8 products widened to i32 for this CPU (no VNNI)");
+            log::info!("{context}: int8 products widened to {to:?} for this CPU (no VNNI)");
             m.encode_to_vec().into()
         }
         Err(e) => {

@@ -8,7 +8,9 @@ pub use tract_onnx::pb;
 
 mod sites;
 
-pub use sites::{dequantized, quant_sites, set_site_scales, widened_int8_matmuls, QuantSite};
+pub use sites::{
+    dequantized, quant_sites, set_site_scales, widened_int8_matmuls, QuantSite, Widening,
+};
 
 /// The operator set the step models use (`LayerNormalization` needs 17).
 pub const OPSET: i64 = 17;

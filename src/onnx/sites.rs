@@ -293,13 +293,7 @@ pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxError> {
             g.node.insert(at + k, node);
         }
     }
-    // Drop the integer constants no node reads any more.
-    let used: std::collections::HashSet<String> = g
-        .node
-        .iter()
-        .flat_map(|n| n.input.iter().cloned())
-        .collect();
-    g.initializer.retain(|t| used.contains(&t.name));
+    drop_unread_initializers(g);
     Ok(out)
 }
 
@@ -344,16 +338,51 @@ fn f32_nodes(
     }
 }
 
-/// The model with every int8 layer's `MatMulInteger(x_q, W_q, 0, 0)` computed as
-/// `MatMul(Cast<i32>(x_q), Cast<i32>(W_q))`: the same exact i32 accumulator (zero points are 0),
-/// so the output is bit-identical. tract folds the weight cast at load (i32 weights: four times
-/// the int8 bytes in memory, as much as f32) and runs the i32 product on its AVX2 kernel's i32
-/// path, which is as fast as f32 there, where its i8 path is about 29 times slower
-/// (docs/device.md). Untouched when the model has no int8 layer.
-pub fn widened_int8_matmuls(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxError> {
+/// The element type an int8 layer's product is computed in by [`widened_int8_matmuls`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Widening {
+    /// `MatMul(Cast<i32>(x_q), Cast<i32>(W_q))`: the same exact i32 accumulator.
+    I32,
+    /// `MatMul(Cast<f32>(x_q), Cast<f32>(W_q))` on f32 kernels, its bias (if any) added in f32,
+    /// the layer's `Cast` to f32 then a no-op. Each product of two int8 values is exact in f32,
+    /// and so is every partial sum below 2^24: with |x_q|, |w_q| <= 128 that holds for any
+    /// inner size up to 1,024 (ViT-B/16's 768). The bias add then rounds the same exact sum
+    /// once, as the i32 form's `Cast` does, so the layer is bit-identical while |bias_q| <= 2^24
+    /// too. A 3,072-wide layer (ViT-B/16's MLP output) differs only where a partial sum passes
+    /// 2^24, and then by accumulated f32 rounding: at the extreme (3,072 products of 127·127, all
+    /// of one sign) a relative 4e-5, far inside the int8 tolerance.
+    F32,
+}
+
+/// The model with every int8 layer's `MatMulInteger(x_q, W_q, 0, 0)` computed as a `MatMul` of
+/// the int8 values widened to `to` (zero points are 0, so the widened product is the i32
+/// accumulator; see [`Widening`] for f32). The weights are widened here, as constants (four
+/// times the int8 bytes in memory, as much as f32): tract folds a `Cast` of a constant only
+/// when its output stays under 4 MiB, so ViT-B/16's MLP weights would otherwise be cast and
+/// packed again at every step. tract runs the product on its i32 or f32 kernels, where on x86-64
+/// without VNNI its i8 path is about 29 times slower (docs/device.md).
+/// Untouched when the model has no int8 layer.
+pub fn widened_int8_matmuls(m: &pb::ModelProto, to: Widening) -> Result<pb::ModelProto, OnnxError> {
     let sites = quant_sites(m)?;
     let mut out = m.clone();
     let g = out.graph.as_mut().expect("quant_sites checked the graph");
+    let (wide, suffix) = match to {
+        Widening::I32 => (INT32, "i32"),
+        Widening::F32 => (FLOAT, "f32"),
+    };
+    let cast = |input: &str, output: String, elem: i32| pb::NodeProto {
+        input: vec![input.to_string()],
+        output: vec![output.clone()],
+        name: format!("{output}/node"),
+        op_type: "Cast".into(),
+        attribute: vec![pb::AttributeProto {
+            name: "to".into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: i64::from(elem),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
     for site in &sites {
         let names = SiteNames::new(site.name.clone());
         let (xq, wq) = (names.x_q(), names.weight_q());
@@ -367,31 +396,59 @@ pub fn widened_int8_matmuls(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxEr
             })
             .ok_or_else(|| site_error(&site.name, format!("no MatMulInteger reading {xq}")))?;
         let acc = g.node[pos].output.first().cloned().unwrap_or_default();
-        let to_i32 = |input: &str, output: String| pb::NodeProto {
-            input: vec![input.to_string()],
-            output: vec![output.clone()],
-            name: format!("{output}/node"),
-            op_type: "Cast".into(),
-            attribute: vec![pb::AttributeProto {
-                name: "to".into(),
-                r#type: pb::attribute_proto::AttributeType::Int as i32,
-                i: i64::from(INT32),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        let (x32, w32) = (format!("{xq}.i32"), format!("{wq}.i32"));
+        let (xw, ww) = (format!("{xq}.{suffix}"), format!("{wq}.{suffix}"));
         let matmul = pb::NodeProto {
-            input: vec![x32.clone(), w32.clone()],
+            input: vec![xw.clone(), ww.clone()],
             output: vec![acc.clone()],
             name: format!("{acc}/node"),
             op_type: "MatMul".into(),
             ..Default::default()
         };
-        g.node
-            .splice(pos..=pos, [to_i32(&xq, x32), to_i32(&wq, w32), matmul]);
+        let w = initializer(g, &wq).ok_or_else(|| site_error(&site.name, "no weight"))?;
+        let (dims, values) = (w.dims.clone(), i8s(w)?);
+        g.initializer.push(pb::TensorProto {
+            dims,
+            data_type: wide,
+            name: ww,
+            raw_data: match to {
+                Widening::I32 => values
+                    .iter()
+                    .flat_map(|&v| i32::from(v).to_le_bytes())
+                    .collect(),
+                Widening::F32 => values
+                    .iter()
+                    .flat_map(|&v| f32::from(v).to_le_bytes())
+                    .collect(),
+            },
+            ..Default::default()
+        });
+        g.node.splice(pos..=pos, [cast(&xq, xw, wide), matmul]);
+        if let (Widening::F32, Some(b)) = (to, &site.scales.bias_q) {
+            // The bias is added to an f32 accumulator: an f32 copy of it.
+            let (bq, bf) = (names.bias_q(), format!("{}.f32", names.bias_q()));
+            let add = g
+                .node
+                .iter_mut()
+                .find(|k| k.op_type == "Add" && k.input.first() == Some(&acc))
+                .ok_or_else(|| site_error(&site.name, format!("no Add of {bq}")))?;
+            add.input[1] = bf.clone();
+            let b: Vec<f32> = b.iter().map(|&v| v as f32).collect();
+            g.initializer
+                .push(f32_tensor(&bf, vec![b.len() as i64], &b));
+        }
     }
+    drop_unread_initializers(g);
     Ok(out)
+}
+
+/// Remove the constants no node reads any more.
+fn drop_unread_initializers(g: &mut pb::GraphProto) {
+    let used: std::collections::HashSet<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .collect();
+    g.initializer.retain(|t| used.contains(&t.name));
 }
 
 #[cfg(test)]
@@ -546,8 +603,82 @@ mod tests {
             .contains("not [in, out]"));
     }
 
-    /// The widened model computes the very same outputs as the int8 one (exact i32 products),
-    /// per tensor and per column.
+    /// At ViT-B/16's inner size 768, with the sums as large as int8 allows (every product
+    /// +-127·127, all of one sign, plus a bias), the f32 form still equals the int8 one bit for
+    /// bit: its bound (inner size <= 1,024) is where every partial sum stays exact.
+    #[test]
+    fn f32_widening_is_exact_at_the_largest_sums_of_a_768_wide_layer() {
+        use prost::Message;
+        use tract_onnx::prelude::{tvec, Framework, InferenceModelExt, IntoRunnable, Tensor};
+        let (inner, out) = (768, 8);
+        let mut seed = 1u32;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        };
+        // Output 0: all weights +1 (each +127 after quantizing); the others random.
+        let w: Vec<f32> = (0..out * inner)
+            .map(|k| if k < inner { 1.0 } else { rand() })
+            .collect();
+        // Rows 0 and 1: every input at +-range (x_q = +-127); rows 2 and 3 random.
+        let x: Vec<f32> = (0..4 * inner)
+            .map(|k| match k / inner {
+                0 => 1.0,
+                1 => -1.0,
+                _ => rand(),
+            })
+            .collect();
+        let bias: Vec<f32> = (0..out).map(|o| o as f32 * 0.37 - 1.1).collect();
+        let mut g = Graph::new("wide");
+        let xi = g.input("x", ElemType::F32, &[4, inner]);
+        let y = g.linear(
+            &xi,
+            "l",
+            &w,
+            out,
+            inner,
+            LinearOpts {
+                bias: Some(&bias),
+                quantizable: true,
+            },
+        );
+        g.output(&y, "y", ElemType::F32, Some(&[4, out]));
+        let ranges = HashMap::from([("l".to_string(), LinearRanges { input: 1.0 })]);
+        for per_channel in [false, true] {
+            let m = to_model_proto(&quantize(&g, &ranges, per_channel).0, &[]);
+            let run = |m: &pb::ModelProto| -> Vec<f32> {
+                let bytes = m.encode_to_vec();
+                let plan = tract_onnx::onnx()
+                    .model_for_read(&mut &bytes[..])
+                    .unwrap()
+                    .into_optimized()
+                    .unwrap()
+                    .into_runnable()
+                    .unwrap();
+                let xt = Tensor::from_shape(&[4, inner], &x).unwrap();
+                let y = plan.run(tvec!(xt.into())).unwrap();
+                y[0].try_as_plain_ram()
+                    .unwrap()
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .to_vec()
+            };
+            let native = run(&m);
+            // The extreme row really reaches 127·127·768 before rescaling.
+            let site = &quant_sites(&m).unwrap()[0];
+            let acc =
+                native[0] / site.scales.rescale[0] - site.scales.bias_q.as_ref().unwrap()[0] as f32;
+            assert!(
+                (acc - (127 * 127 * inner) as f32).abs() < 1e3,
+                "accumulator {acc}"
+            );
+            let f = widened_int8_matmuls(&m, Widening::F32).unwrap();
+            assert_eq!(native, run(&f), "per_channel {per_channel}");
+        }
+    }
+
+    /// The widened models compute the very same outputs as the int8 one (exact i32 products;
+    /// exact f32 ones at this inner size), per tensor and per column.
     #[test]
     fn widened_int8_matmuls_give_identical_outputs() {
         use prost::Message;
@@ -569,9 +700,12 @@ mod tests {
                 .unwrap()
                 .to_vec()
         };
-        for per_channel in [false, true] {
+        for (per_channel, to) in [false, true]
+            .into_iter()
+            .flat_map(|p| [(p, Widening::I32), (p, Widening::F32)])
+        {
             let m = quantized(per_channel);
-            let w = widened_int8_matmuls(&m).unwrap();
+            let w = widened_int8_matmuls(&m, to).unwrap();
             let ops = |m: &pb::ModelProto, op: &str| {
                 m.graph
                     .as_ref()
@@ -583,7 +717,7 @@ mod tests {
             };
             assert_eq!((ops(&m, "MatMulInteger"), ops(&w, "MatMulInteger")), (2, 0));
             assert_eq!(ops(&w, "MatMul"), 2);
-            assert_eq!(run(&m), run(&w), "per_channel {per_channel}");
+            assert_eq!(run(&m), run(&w), "per_channel {per_channel}, {to:?}");
         }
         // A model without int8 layers is returned as it is.
         let mut g = Graph::new("f");
@@ -591,6 +725,6 @@ mod tests {
         let y = g.linear(&x, "l", &[1.0, 2.0], 1, 2, LinearOpts::default());
         g.output(&y, "y", ElemType::F32, Some(&[1, 1]));
         let f = to_model_proto(&g, &[]);
-        assert_eq!(widened_int8_matmuls(&f).unwrap(), f);
+        assert_eq!(widened_int8_matmuls(&f, Widening::F32).unwrap(), f);
     }
 }
