@@ -28,6 +28,62 @@ fn run_without_a_source_is_the_deterministic_demo() {
     assert!(err.contains("400 frames") && err.contains("p95"), "{err}");
 }
 
+/// `info --package demo --cost`: the demo's int8 and f32 products counted, and the kernels of
+/// this CPU's plan carry every one of those multiply-accumulates, in each int8 form.
+#[test]
+fn info_cost_counts_the_demo_step_and_its_kernels() {
+    for form in ["native", "f32"] {
+        let o = bin()
+            .args(["info", "--package", "demo", "--cost", "--json"])
+            .env("PE_CLIP_INT8_MATMUL", form)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["precision"], "int8");
+        let macs = |list: &serde_json::Value, pick: &dyn Fn(&serde_json::Value) -> bool| -> u64 {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| pick(x))
+                .map(|x| x["macs"].as_u64().unwrap())
+                .sum()
+        };
+        let cost = &v["cost"];
+        let int8 = macs(&cost["classes"], &|c| c["class"] == "matmul i8");
+        let all = macs(&cost["classes"], &|c| c["class"] != "other");
+        assert!(int8 > 1_000_000 && all > int8, "{cost}");
+        assert_eq!(macs(&cost["kernels"], &|_| true), all, "{cost}");
+        assert!(v["machine"].as_str().unwrap().contains("tract ISA"), "{v}");
+    }
+}
+
+/// Without the `gpu` feature `--device gpu` is refused, naming the fix; `auto` (the default)
+/// runs on the CPU and prints what `--device cpu` prints.
+#[cfg(not(feature = "gpu"))]
+#[test]
+fn device_gpu_is_refused_without_the_feature_and_auto_runs_on_the_cpu() {
+    let demo = |device: &str| {
+        bin()
+            .args(["demo", "--frames", "120", "--device", device])
+            .current_dir(tempfile::tempdir().unwrap().path())
+            .output()
+            .unwrap()
+    };
+    let gpu = demo("gpu");
+    assert_eq!(gpu.status.code(), Some(1));
+    assert!(stderr(&gpu).contains("--features gpu"), "{}", stderr(&gpu));
+    let (auto, cpu) = (demo("auto"), demo("cpu"));
+    assert!(
+        auto.status.success() && cpu.status.success(),
+        "{}",
+        stderr(&auto)
+    );
+    assert_eq!(auto.stdout, cpu.stdout);
+    let bad = demo("tpu");
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+}
+
 /// Events on a .y4m file: one JSON object per line with the documented fields; exact windows
 /// every hop after the partial ones.
 #[test]

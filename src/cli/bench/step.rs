@@ -26,6 +26,9 @@ pub(super) struct StepArgs {
     /// Thread counts for tract's matmuls.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
+    /// Where the steps run: cpu, gpu or auto (as `pe-clip run --device`).
+    #[arg(long, default_value = "cpu")]
+    device: crate::engine::Device,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -48,10 +51,11 @@ pub(super) struct StepTiming {
 fn load_for_timing(
     dir: &std::path::Path,
     threads: usize,
+    device: crate::engine::Device,
 ) -> anyhow::Result<(crate::package::Package, crate::engine::StepModel, Vec<u8>)> {
     crate::engine::set_threads(threads);
     let pkg = crate::package::Package::open(dir)?;
-    let model = pkg.step_model()?;
+    let model = pkg.step_model_on(device)?;
     let s = model.image_size();
     let frame = (0..s * s * 3)
         .map(|i| ((i * 37 + i / 7) % 251) as u8)
@@ -59,8 +63,13 @@ fn load_for_timing(
     Ok((pkg, model, frame))
 }
 
-fn time_package(dir: &std::path::Path, threads: usize, steps: usize) -> anyhow::Result<StepTiming> {
-    let (pkg, mut model, frame) = load_for_timing(dir, threads)?;
+fn time_package(
+    dir: &std::path::Path,
+    threads: usize,
+    steps: usize,
+    device: crate::engine::Device,
+) -> anyhow::Result<StepTiming> {
+    let (pkg, mut model, frame) = load_for_timing(dir, threads, device)?;
     let mut state = model.zero_state();
     for _ in 0..3 {
         model.step(&frame, &mut state)?;
@@ -106,7 +115,7 @@ pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
     };
     if a.profile {
         for p in &packages {
-            let (pkg, mut model, frame) = load_for_timing(p, 1)?;
+            let (pkg, mut model, frame) = load_for_timing(p, 1, a.device.resolve("bench step")?)?;
             let mut state = model.zero_state();
             model.step(&frame, &mut state)?;
             let ops = model.profile_step(&frame, &mut state)?;
@@ -121,10 +130,15 @@ pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
             }
         }
     }
+    let machine = crate::engine::machine();
+    let device = a.device.resolve("bench step")?;
+    if !a.json {
+        println!("machine: {machine}; device {device:?}");
+    }
     let mut rows = Vec::new();
     for p in &packages {
         for &t in &a.threads {
-            let r = time_package(p, t, a.steps)?;
+            let r = time_package(p, t, a.steps, device)?;
             if !a.json {
                 println!(
                     "{} ({}, {:.1} MB): {} thread(s): median {:.2} ms, p90 {:.2} ms, min {:.2} ms",
@@ -171,7 +185,7 @@ pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"bench": "step", "arch": a.arch, "timings": rows, "ratios": ratios})
+            serde_json::json!({"bench": "step", "arch": a.arch, "machine": machine, "device": format!("{device:?}"), "timings": rows, "ratios": ratios})
         );
     }
     Ok(crate::cli::EXIT_OK)

@@ -121,6 +121,10 @@ pub struct Args {
     /// Threads for tract's matmuls (the frame reader has its own thread).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Where the step model runs: cpu, gpu (tract's CUDA runtime: a build with `--features
+    /// gpu` and CUDA on the machine) or auto (the GPU when both are there).
+    #[arg(long, default_value = "auto")]
+    device: crate::engine::Device,
     /// Sampled frames queued ahead of the model; beyond it a live source drops frames.
     #[arg(long, default_value_t = 2)]
     queue: usize,
@@ -151,7 +155,7 @@ fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
     if demo && args.plot.is_none() {
         args.plot = Some(PathBuf::from(DEMO_PLOT));
     }
-    let mut model = package.step_model()?;
+    let mut model = package.step_model_on(args.device)?;
     let source = open_source(&source_spec, &args, package.manifest.preprocess.image_size)?;
     let cfg = run_config(&args, &package, &source_spec, source.fps())?;
     if let Some(p) = &args.plot {

@@ -11,6 +11,10 @@ use crate::error::{Error, Result};
 use crate::onnx::Widening;
 use crate::package::Package;
 
+mod cost;
+mod gpu;
+pub use cost::{tract_isa, KernelUse, OpClass, StepCost};
+
 /// One state input/output pair of the step model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateSlot {
@@ -120,6 +124,66 @@ fn state_slots(
     Ok(slots)
 }
 
+/// Where a step model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// tract on the CPU.
+    Cpu,
+    /// tract's CUDA runtime on an NVIDIA GPU (feature `gpu`); operators it has no GPU kernel
+    /// for stay on the CPU, listed at `-v`.
+    Gpu,
+    /// The GPU when this build has the `gpu` feature and CUDA loads, else the CPU.
+    Auto,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "gpu" => Ok(Device::Gpu),
+            "auto" => Ok(Device::Auto),
+            _ => Err(format!("unknown device {s:?} (cpu, gpu or auto)")),
+        }
+    }
+}
+
+impl Device {
+    /// `Cpu` or `Gpu`: `Auto` decided, and `Gpu` refused with the reason when it cannot run.
+    pub fn resolve(self, context: &str) -> Result<Device> {
+        match (self, gpu::available()) {
+            (Device::Cpu, _) => Ok(Device::Cpu),
+            (Device::Gpu, Ok(())) | (Device::Auto, Ok(())) => Ok(Device::Gpu),
+            (Device::Gpu, Err(why)) => Err(Error::engine(context, format!("--device gpu: {why}"))),
+            (Device::Auto, Err(why)) => {
+                log::info!("{context}: on the CPU ({why})");
+                Ok(Device::Cpu)
+            }
+        }
+    }
+}
+
+/// This CPU as benchmark figures name it: model, architecture, logical CPUs, and the
+/// instruction-set features tract uses (`tract_isa`).
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        cpuinfo.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == key).then(|| v.trim().to_string())
+        })
+    };
+    let model = field("model name")
+        .or_else(|| field("CPU part").map(|p| format!("CPU part {p}")))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!(
+        "{model}, {}, {cpus} logical CPUs, tract ISA {}",
+        std::env::consts::ARCH,
+        tract_isa()
+    )
+}
+
 /// How a model's int8 products run on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int8Form {
@@ -153,12 +217,12 @@ impl Int8Form {
     }
 }
 
-/// `bytes` in the int8 form this CPU runs fastest ([`Int8Form::for_this_cpu`]); a model without
-/// `MatMulInteger`, or whose int8 layers pe-clip did not write, stays as it is.
-fn for_this_cpu<'a>(bytes: &'a [u8], context: &str) -> std::borrow::Cow<'a, [u8]> {
+/// `bytes` with their int8 products in `form`; a model without `MatMulInteger`, or whose int8
+/// layers pe-clip did not write, stays as it is.
+fn in_int8_form<'a>(bytes: &'a [u8], form: Int8Form, context: &str) -> std::borrow::Cow<'a, [u8]> {
     use prost::Message;
     const OP: &[u8] = b"MatMulInteger";
-    let to = match Int8Form::for_this_cpu() {
+    let to = match form {
         Int8Form::Widened(to) if bytes.windows(OP.len()).any(|w| w == OP) => to,
         _ => return bytes.into(),
     };
@@ -167,7 +231,7 @@ fn for_this_cpu<'a>(bytes: &'a [u8], context: &str) -> std::borrow::Cow<'a, [u8]
     });
     match widened {
         Ok(m) => {
-            log::info!("{context}: int8 products widened to {to:?} for this CPU (no VNNI)");
+            log::info!("{context}: int8 products widened to {to:?}");
             m.encode_to_vec().into()
         }
         Err(e) => {
@@ -178,11 +242,22 @@ fn for_this_cpu<'a>(bytes: &'a [u8], context: &str) -> std::borrow::Cow<'a, [u8]
 }
 
 impl StepModel {
-    /// Load ONNX bytes (`context` names them in errors), int8 products in the form this CPU
-    /// runs fastest.
+    /// Load ONNX bytes (`context` names them in errors) on the CPU, int8 products in the form
+    /// this CPU runs fastest.
     pub fn from_onnx(bytes: &[u8], context: &str) -> Result<Self> {
+        Self::from_onnx_on(bytes, context, Device::Cpu)
+    }
+
+    /// Load ONNX bytes to run on `device`.
+    pub fn from_onnx_on(bytes: &[u8], context: &str, device: Device) -> Result<Self> {
         let err = |e: TractError| Error::engine(context, e);
-        let bytes = for_this_cpu(bytes, context);
+        let device = device.resolve(context)?;
+        // On the GPU the int8 layers run as f32 products (tract-cuda has cuBLAS for those).
+        let form = match device {
+            Device::Gpu => Int8Form::Widened(Widening::F32),
+            _ => Int8Form::for_this_cpu(),
+        };
+        let bytes = in_int8_form(bytes, form, context);
         let model = tract_onnx::onnx()
             .model_for_read(&mut &bytes[..])
             .map_err(err)?;
@@ -235,7 +310,10 @@ impl StepModel {
             .collect();
         outputs.extend(extra.iter().cloned());
         let model = model.with_outputs_by_name(&outputs).map_err(err)?;
-        let typed = model.into_optimized().map_err(err)?;
+        let typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(err)?;
         let feature_dim = typed
             .output_fact(0)
             .map_err(err)?
@@ -243,7 +321,13 @@ impl StepModel {
             .as_concrete()
             .and_then(|s| s.last().copied())
             .ok_or_else(|| Error::engine(context, "the feature output has no fixed shape"))?;
-        let plan = typed.into_runnable().map_err(err)?;
+        let plan = match device {
+            Device::Gpu => gpu::plan(typed, context)?,
+            _ => typed
+                .into_optimized()
+                .and_then(|m| m.into_runnable())
+                .map_err(err)?,
+        };
         let runner = plan.spawn().map_err(err)?;
         Ok(Self {
             plan,
@@ -380,8 +464,14 @@ impl StepModel {
 impl Package {
     /// Load the step model and check it against the manifest (input size, feature width, states).
     pub fn step_model(&self) -> Result<StepModel> {
+        self.step_model_on(Device::Cpu)
+    }
+
+    /// [`Package::step_model`] on `device`.
+    pub fn step_model_on(&self, device: Device) -> Result<StepModel> {
         let bytes = self.model_bytes()?;
-        self.step_model_from(&bytes, &self.model_path().display().to_string())
+        let context = self.model_path().display().to_string();
+        self.checked(StepModel::from_onnx_on(&bytes, &context, device)?)
     }
 
     /// Load a variant of the step model (`bytes`: e.g. with calibration taps) and check it
