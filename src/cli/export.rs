@@ -12,7 +12,11 @@ pub struct Args {
     /// The package directory to write (replaced if it holds a package).
     #[arg(short, long, value_name = "PACKAGE_DIR")]
     out: PathBuf,
-    /// Quantize the linear layers to int8 (needs --calib).
+    /// The step model's arithmetic: f32, f16 (linear layers in f16: for the GPU and Armv8.2
+    /// FP16 cores) or int8 (needs --calib).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "int8"])]
+    precision: String,
+    /// Shorthand for --precision int8.
     #[arg(long)]
     int8: bool,
     /// Calibration clips: a dataset (its train split) or a folder of clips (frame folders or
@@ -102,6 +106,16 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     use pe_clip_models::peclip::load_run;
 
     let observer: ObserverKind = args.observer.parse()?;
+    let (int8_wanted, f16) = match (args.precision.as_str(), args.int8) {
+        ("f16", true) => bail!("--int8 and --precision f16 exclude each other"),
+        ("int8", _) | (_, true) => (true, false),
+        ("f16", false) => (false, true),
+        _ => (false, false),
+    };
+    let args = Args {
+        int8: int8_wanted,
+        ..args
+    };
     if !(0.0..=1.0).contains(&args.smooth_alpha) {
         bail!("--smooth-alpha must be in 0..1");
     }
@@ -134,7 +148,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         _ => None,
     };
     let (check, check_source) = match &args.check {
-        Some(root) if args.int8 => collect_clips(
+        Some(root) if args.int8 || f16 => collect_clips(
             root,
             Split::Test,
             args.fold,
@@ -142,13 +156,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             args.check_clips,
         )?,
         Some(_) => {
-            log::warn!("--check compares int8 with f32; ignored for an f32 export");
+            log::warn!("--check compares int8 or f16 with f32; ignored for an f32 export");
             (Vec::new(), String::new())
         }
         None => (Vec::new(), String::new()),
     };
     let opts = ExportOptions {
         int8,
+        f16,
         check,
         check_source,
         window: args.window,
@@ -251,7 +266,7 @@ fn print_report(report: &crate::export::ExportReport) {
             f.logit_cosine_mean,
             f.logit_cosine_min,
             pct(f.uar_f32),
-            pct(f.uar_int8)
+            pct(f.uar_reduced)
         );
     }
 }

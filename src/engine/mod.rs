@@ -241,6 +241,36 @@ fn in_int8_form<'a>(bytes: &'a [u8], form: Int8Form, context: &str) -> std::borr
     }
 }
 
+/// Whether this CPU runs an f16 model's products in f16: `PE_CLIP_F16=native|f32` if set,
+/// else when tract found f16 arithmetic (Armv8.2 FP16; not x86, whose tract has no fast f16
+/// kernel).
+pub fn f16_native_here() -> bool {
+    match std::env::var("PE_CLIP_F16").as_deref() {
+        Ok("native") => return true,
+        Ok("f32") => return false,
+        Ok(other) => log::warn!("PE_CLIP_F16={other} ignored (native or f32)"),
+        Err(_) => {}
+    }
+    tract_onnx::tract_core::tract_linalg::isa::native().fp16_arithmetic()
+}
+
+/// An f16 model written by pe-clip ([`crate::onnx::f16_linears`]) with f32 products again when
+/// this CPU has no f16 arithmetic ([`crate::onnx::widened_f16`]); any other model as it is.
+fn in_f16_form_for_this_cpu<'a>(
+    bytes: std::borrow::Cow<'a, [u8]>,
+    context: &str,
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    use prost::Message;
+    const MARK: &[u8] = b".f16/cast";
+    if f16_native_here() || !bytes.windows(MARK.len()).any(|w| w == MARK) {
+        return Ok(bytes);
+    }
+    let m = crate::onnx::decode(&bytes, context)?;
+    let m = crate::onnx::widened_f16(&m).map_err(|e| Error::engine(context, e))?;
+    log::info!("{context}: f16 products widened to f32 for this CPU (no f16 arithmetic)");
+    Ok(m.encode_to_vec().into())
+}
+
 impl StepModel {
     /// Load ONNX bytes (`context` names them in errors) on the CPU, int8 products in the form
     /// this CPU runs fastest.
@@ -258,6 +288,10 @@ impl StepModel {
             _ => Int8Form::for_this_cpu(),
         };
         let bytes = in_int8_form(bytes, form, context);
+        let bytes = match device {
+            Device::Gpu => bytes,
+            _ => in_f16_form_for_this_cpu(bytes, context)?,
+        };
         let model = tract_onnx::onnx()
             .model_for_read(&mut &bytes[..])
             .map_err(err)?;
@@ -336,6 +370,19 @@ impl StepModel {
             feature_dim,
             slots,
             extra,
+        })
+    }
+
+    /// Another runner of the same optimised plan, with its own scratch state (for stepping
+    /// independent chains on another thread).
+    pub fn fork(&self) -> Result<StepModel> {
+        Ok(StepModel {
+            plan: self.plan.clone(),
+            runner: self.plan.spawn().map_err(|e| Error::engine("fork", e))?,
+            image_size: self.image_size,
+            feature_dim: self.feature_dim,
+            slots: self.slots.clone(),
+            extra: self.extra.clone(),
         })
     }
 

@@ -77,8 +77,8 @@ pub(super) fn quantize_int8(
     } else {
         let t = Instant::now();
         let f = fidelity(
-            g32,
-            &gq,
+            load_step(g32, "f32 model")?,
+            load_step(&gq, "int8 model")?,
             head,
             &opts.check,
             opts.window,
@@ -169,18 +169,17 @@ fn observe(g: &Graph, cal: &mut Calibrator, clips: &[Vec<Vec<u8>>], what: &str) 
     crate::calibration::observe(&mut step, cal, clips)
 }
 
-/// Compare two step graphs clip by clip on `clips` through `head`.
+/// Compare two step models (the f32 reference, then the reduced one) clip by clip on `clips`
+/// through `head`.
 pub fn fidelity(
-    reference: &Graph,
-    candidate: &Graph,
+    mut a: StepModel,
+    mut b: StepModel,
     head: &Head,
     clips: &[LabelledClip],
     window: usize,
     image_size: usize,
     source: &str,
 ) -> Result<Fidelity> {
-    let mut a = load_step(reference, "f32 model")?;
-    let mut b = load_step(candidate, "int8 model")?;
     let mut tally = AgreementTally::default();
     let classes = head.text_features.len();
     let (mut ca, mut cb) = (Confusion::new(classes), Confusion::new(classes));

@@ -25,9 +25,9 @@ use crate::error::{Error, Result};
 use crate::frames::clips::{load_clips, LabelledClip};
 use crate::frames::roi::RoiPolicy;
 use crate::package::{
-    write_package, CellKind, ClassEntry, ColorOrder, FrameLayout, Head, Manifest, NeutralReference,
-    Precision, Preprocess, Provenance, Quantization, Resize, StateEntry, Temporal, MODEL_FILE,
-    NEUTRAL, PACKAGE_FORMAT, PACKAGE_VERSION,
+    write_package, CellKind, ClassEntry, ColorOrder, FrameLayout, HalfPrecision, Head, Manifest,
+    NeutralReference, Precision, Preprocess, Provenance, Quantization, Resize, StateEntry,
+    Temporal, MODEL_FILE, NEUTRAL, PACKAGE_FORMAT, PACKAGE_VERSION,
 };
 
 pub use int8::fidelity;
@@ -62,6 +62,8 @@ pub struct Int8Options {
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
     pub int8: Option<Int8Options>,
+    /// Linear layers in f16 ([`crate::onnx::f16_linears`]); not with `int8`.
+    pub f16: bool,
     /// Held-out clips for the int8-vs-f32 fidelity check.
     pub check: Vec<LabelledClip>,
     pub check_source: String,
@@ -90,6 +92,8 @@ pub struct ExportReport {
     pub f32_model_bytes: usize,
     pub matmuls: Vec<MatmulCount>,
     pub quantization: Option<Quantization>,
+    /// An f16 export's record (as in the manifest).
+    pub half: Option<HalfPrecision>,
     pub seconds: f64,
 }
 
@@ -171,6 +175,9 @@ pub fn export(
     if opts.window == 0 || opts.stride == Some(0) {
         return Err(Error::usage("window and stride must be at least 1"));
     }
+    if opts.f16 && opts.int8.is_some() {
+        return Err(Error::usage("a package is int8 or f16, not both"));
+    }
     let folded = fold(model, preprocess.pixel_norm)?;
     let s = folded.image_size;
     let quantize_adapters = opts.int8.as_ref().is_some_and(|q| q.quantize_adapters);
@@ -198,21 +205,24 @@ pub fn export(
         })
         .collect();
     let neutral_reference = neutral_reference(&graph, model, opts, s)?;
-    let precision = if quantization.is_some() {
-        Precision::Int8
-    } else {
-        Precision::F32
+    let precision = match (&quantization, opts.f16) {
+        (Some(_), _) => Precision::Int8,
+        (None, true) => Precision::F16,
+        (None, false) => Precision::F32,
     };
     let stride = opts
         .stride
         .unwrap_or_else(|| median_stride(lengths, opts.window));
-    let onnx = crate::onnx::to_bytes(
-        &graph,
-        &[
-            ("pe_clip.precision", precision.to_string()),
-            ("pe_clip.image_size", s.to_string()),
-        ],
-    );
+    let metadata = [
+        ("pe_clip.precision", precision.to_string()),
+        ("pe_clip.image_size", s.to_string()),
+    ];
+    let (onnx, half) = if opts.f16 {
+        let (onnx, half) = half_precision(&graph, &head, opts, s, &metadata)?;
+        (onnx, Some(half))
+    } else {
+        (crate::onnx::to_bytes(&graph, &metadata), None)
+    };
     let manifest = Manifest {
         format: PACKAGE_FORMAT.into(),
         version: PACKAGE_VERSION,
@@ -243,6 +253,7 @@ pub fn export(
         },
         state: state_entries(&folded)?,
         quantization: quantization.clone(),
+        half: half.clone(),
         provenance,
         neutral_reference,
         checksums: Vec::new(),
@@ -255,8 +266,53 @@ pub fn export(
         f32_model_bytes: f32_bytes.len(),
         matmuls,
         quantization,
+        half,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The f16 model of f32 step graph `graph` (written with `metadata`), and its record: the
+/// linear layers in f16, checked against `graph` on the held-out clips when there are some.
+fn half_precision(
+    graph: &Graph,
+    head: &Head,
+    opts: &ExportOptions,
+    image_size: usize,
+    metadata: &[(&str, String)],
+) -> Result<(Vec<u8>, HalfPrecision)> {
+    use prost::Message;
+    let proto = crate::onnx::to_model_proto(graph, metadata);
+    let (half, matmuls) =
+        crate::onnx::f16_linears(&proto).map_err(|e| Error::engine("f16 model", e))?;
+    let bytes = half.encode_to_vec();
+    let fidelity = if opts.check.is_empty() {
+        None
+    } else {
+        let form = if crate::engine::f16_native_here() {
+            "f16 products"
+        } else {
+            "f16 weights, f32 products: this CPU has no f16 arithmetic"
+        };
+        let f = int8::fidelity(
+            int8::load_step(graph, "f32 model")?,
+            crate::engine::StepModel::from_onnx(&bytes, "f16 model")?,
+            head,
+            &opts.check,
+            opts.window,
+            image_size,
+            &format!("{} (checked with {form})", opts.check_source),
+        )?;
+        Some(f)
+    };
+    let record = HalfPrecision {
+        scheme: "f16 weights and products in every linear layer (a MatMul by a constant), \
+                 f32 inputs and outputs; LayerNorm, softmax, GELU, attention products, \
+                 recurrent gates and states and the residual stream in f32"
+            .into(),
+        matmuls,
+        fidelity,
+    };
+    Ok((bytes, record))
 }
 
 /// The classification head of a folded model: its text features, one row per class.

@@ -6,7 +6,10 @@ use pe_clip_calibrate::graph::{Attr, Graph, Io};
 use prost::Message;
 pub use tract_onnx::pb;
 
+mod half;
 mod sites;
+
+pub use half::{f16_linears, widened_f16};
 
 pub use sites::{
     dequantized, quant_sites, set_site_scales, widened_int8_matmuls, QuantSite, Widening,

@@ -49,6 +49,8 @@ pub struct RunConfig {
     pub stats_every: Option<Duration>,
     /// A driver profile (`--driver`), checked against the package.
     pub driver: Option<pe_clip_calibrate::profile::DriverProfile>,
+    /// Threads stepping the exact windows' chains side by side (at most the number of chains).
+    pub chain_threads: usize,
 }
 
 impl RunConfig {
@@ -70,6 +72,7 @@ impl RunConfig {
             max_frames: None,
             stats_every: None,
             driver: None,
+            chain_threads: 1,
         }
     }
 }
@@ -258,6 +261,9 @@ pub fn run(
             .map_err(|e| Error::calibrate(format!("driver profile {}", p.name), e))?;
         log::info!("driver profile {} ({})", p.name, p.method);
         streamer = streamer.with_correction(p.correction());
+    }
+    if cfg.chain_threads > 1 {
+        streamer = streamer.with_chain_threads(model, cfg.chain_threads)?;
     }
     let mut smoother = Smoother::new(cfg.smoothing);
     let description = source.describe();

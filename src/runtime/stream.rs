@@ -92,6 +92,9 @@ pub struct Streamer {
     sampled: u64,
     /// Model steps run (all chains).
     pub steps: u64,
+    /// Forks of the model ([`StepModel::fork`]) stepping chains on their own threads beside
+    /// the caller's model ([`Streamer::with_chain_threads`]).
+    helpers: Vec<StepModel>,
 }
 
 impl Streamer {
@@ -116,7 +119,17 @@ impl Streamer {
             feature_sum: vec![0.0; dim],
             sampled: 0,
             steps: 0,
+            helpers: Vec::new(),
         })
+    }
+
+    /// Step the chains a frame advances on up to `threads` threads (each with its fork of
+    /// `model`). The chains are independent, so the features, and every prediction, are the
+    /// same as on one thread; only exact windows with H < W have more than one chain.
+    pub fn with_chain_threads(mut self, model: &StepModel, threads: usize) -> Result<Self> {
+        let n = threads.clamp(1, self.chains.len()) - 1;
+        self.helpers = (0..n).map(|_| model.fork()).collect::<Result<_>>()?;
+        Ok(self)
     }
 
     /// Score windows with a driver profile's correction of the head.
@@ -193,8 +206,8 @@ impl Streamer {
             );
         }
         let period = self.chains.len() * g.hop;
-        let mut done = None;
-        for k in 0..self.chains.len() {
+        let mut active: Vec<(usize, &mut Chain)> = Vec::with_capacity(self.chains.len());
+        for (k, chain) in self.chains.iter_mut().enumerate() {
             let start = k * g.hop;
             if i < start {
                 continue;
@@ -203,22 +216,15 @@ impl Streamer {
             if r >= g.window {
                 continue;
             }
-            let chain = &mut self.chains[k];
             if r == 0 {
                 chain.state = model.zero_state();
                 chain.sum.iter_mut().for_each(|s| *s = 0.0);
                 chain.count = 0;
             }
-            let f = model.step(frame_bytes, &mut chain.state)?;
-            self.steps += 1;
-            for (s, v) in chain.sum.iter_mut().zip(&f) {
-                *s += *v as f64;
-            }
-            chain.count += 1;
-            if chain.count == g.window {
-                done = Some(k);
-            }
+            active.push((k, chain));
         }
+        self.steps += active.len() as u64;
+        let done = step_chains(model, &mut self.helpers, active, frame_bytes, g.window)?;
         Ok(if let Some(k) = done {
             Some(self.prediction(&self.chains[k].sum, g.window, false))
         } else if i + 1 < g.window && partial_due {
@@ -227,4 +233,54 @@ impl Streamer {
             None
         })
     }
+}
+
+/// Step every chain in `active` on `frame`, spread over `model` and `helpers` (one thread
+/// each, round robin); returns the chain whose window this frame completes.
+fn step_chains(
+    model: &mut StepModel,
+    helpers: &mut [StepModel],
+    active: Vec<(usize, &mut Chain)>,
+    frame: &[u8],
+    window: usize,
+) -> Result<Option<usize>> {
+    let advance = |m: &mut StepModel, chains: Vec<(usize, &mut Chain)>| -> Result<Option<usize>> {
+        let mut done = None;
+        for (k, chain) in chains {
+            let f = m.step(frame, &mut chain.state)?;
+            for (s, v) in chain.sum.iter_mut().zip(&f) {
+                *s += *v as f64;
+            }
+            chain.count += 1;
+            if chain.count == window {
+                done = Some(k);
+            }
+        }
+        Ok(done)
+    };
+    if helpers.is_empty() || active.len() < 2 {
+        return advance(model, active);
+    }
+    let workers = (1 + helpers.len()).min(active.len());
+    let mut groups: Vec<Vec<(usize, &mut Chain)>> = (0..workers).map(|_| Vec::new()).collect();
+    for (j, c) in active.into_iter().enumerate() {
+        groups[j % workers].push(c);
+    }
+    let mut groups = groups.into_iter();
+    let mine = groups.next().unwrap_or_default();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = helpers
+            .iter_mut()
+            .zip(groups)
+            .map(|(h, g)| scope.spawn(move || advance(h, g)))
+            .collect();
+        let mut done = advance(model, mine)?;
+        for h in handles {
+            let d = h
+                .join()
+                .map_err(|_| Error::Stopped("a chain thread panicked"))??;
+            done = done.or(d);
+        }
+        Ok(done)
+    })
 }

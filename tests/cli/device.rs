@@ -84,6 +84,36 @@ fn device_gpu_is_refused_without_the_feature_and_auto_runs_on_the_cpu() {
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
 }
 
+/// Exact windows with four chains stepped on three threads give the very events of one thread.
+#[test]
+fn chains_on_several_threads_give_the_same_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = |threads: &str| {
+        let out = dir.path().join(format!("{threads}.jsonl"));
+        let o = bin()
+            .args(["run", "--source", "synth", "--frames", "160", "--hop", "4"])
+            .args(["--chain-threads", threads, "--events", s(&out)])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["frame"].clone(),
+                    v["logits"].clone(),
+                    v["partial"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let one = events("1");
+    assert!(one.len() > 10, "{}", one.len());
+    assert_eq!(one, events("3"));
+}
+
 /// Events on a .y4m file: one JSON object per line with the documented fields; exact windows
 /// every hop after the partial ones.
 #[test]

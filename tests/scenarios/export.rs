@@ -118,6 +118,7 @@ fn dataset(dir: &Path, train: usize, test: usize) -> (Vec<LabelledClip>, Vec<Lab
 fn options(int8: Option<Int8Options>, check: Vec<LabelledClip>) -> ExportOptions {
     ExportOptions {
         int8,
+        f16: false,
         check,
         check_source: "test clips".into(),
         window: 16,
@@ -242,6 +243,78 @@ fn f32_package_reproduces_candle_clip_logits_and_verifies_itself() {
 
 /// The int8 export rewrites the backbone's four linear layers per block to `MatMulInteger`,
 /// calibrates on clips, and stays close to the f32 model on other clips.
+/// An f16 export: the package says f16 and which layers, its checked fidelity is recorded, and
+/// its step model (f32 products of the f16 weights on this CPU, or f16 ones on an FP16 core)
+/// gives features close to the f32 package's on the same frames; an int8 + f16 export is refused.
+#[test]
+fn f16_package_records_its_layers_and_stays_close_to_f32() {
+    use pe_clip::package::Package;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, test) = dataset(&tmp.path().join("data"), 0, 4);
+    let m = model(PeClipConfig::default(), 23);
+    let spec = spec32();
+    let (f32_dir, f16_dir) = (tmp.path().join("f32"), tmp.path().join("f16"));
+    export(
+        &m,
+        &spec,
+        provenance(),
+        &f32_dir,
+        &options(None, Vec::new()),
+    )
+    .unwrap();
+    let opts = ExportOptions {
+        f16: true,
+        ..options(None, test)
+    };
+    let report = export(&m, &spec, provenance(), &f16_dir, &opts).unwrap();
+    assert_eq!(report.precision, Precision::F16);
+    assert!(
+        report.model_bytes * 10 < report.f32_model_bytes * 6,
+        "{report:?}"
+    );
+    let pkg = Package::open(&f16_dir).unwrap();
+    assert_eq!(pkg.manifest.precision, Precision::F16);
+    let half = pkg.manifest.half.as_ref().unwrap();
+    assert!(half.matmuls > 10, "{half:?}");
+    let fid = half.fidelity.as_ref().unwrap();
+    assert_eq!(fid.clips, 4);
+    assert!(fid.logit_cosine_min > 0.999, "{fid:?}");
+    let (mut a, mut b) = (
+        Package::open(&f32_dir).unwrap().step_model().unwrap(),
+        pkg.step_model().unwrap(),
+    );
+    let (mut sa, mut sb) = (a.zero_state(), b.zero_state());
+    for f in frames(6, 32, 3) {
+        let (fa, fb) = (a.step(&f, &mut sa).unwrap(), b.step(&f, &mut sb).unwrap());
+        let gap = fa
+            .iter()
+            .zip(&fb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let scale = fa.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        assert!(
+            gap > 0.0 && gap < 1e-2 * scale.max(1.0),
+            "gap {gap}, scale {scale}"
+        );
+    }
+    let both = ExportOptions {
+        f16: true,
+        ..options(
+            Some(Int8Options {
+                observer: ObserverKind::MinMax,
+                smooth_alpha: None,
+                per_channel: false,
+                quantize_adapters: false,
+                calib: Vec::new(),
+                calib_source: "none".into(),
+            }),
+            Vec::new(),
+        )
+    };
+    let e = export(&m, &spec, provenance(), &tmp.path().join("both"), &both).unwrap_err();
+    assert!(e.to_string().contains("int8 or f16"), "{e}");
+}
+
 #[test]
 fn int8_package_is_calibrated_quantized_and_close_to_f32() {
     use pe_clip::package::Package;

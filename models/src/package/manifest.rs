@@ -25,6 +25,8 @@ pub const PREVIOUS_DIR: &str = "previous";
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     F32,
+    /// f16 weights and products in the linear layers, the rest f32 (`half` says which).
+    F16,
     /// int8 linear layers (`quantization` says how).
     Int8,
 }
@@ -33,6 +35,7 @@ impl std::fmt::Display for Precision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Precision::F32 => "f32",
+            Precision::F16 => "f16",
             Precision::Int8 => "int8",
         })
     }
@@ -229,7 +232,8 @@ pub struct Agreement {
     pub logit_cosine_min: f64,
 }
 
-/// int8 vs f32 on held-out clips: their [`Agreement`] and, with labels, both UARs. (The
+/// A reduced-precision model (int8 or f16) vs the f32 one on held-out clips: their
+/// [`Agreement`] and, with labels, both UARs. (The
 /// agreement's fields are spelled out rather than nested so that the manifest stays flat.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -242,11 +246,18 @@ pub struct Fidelity {
     pub logit_cosine_min: f64,
     /// With labels: UAR of the f32 and of the int8 model (fractions).
     pub uar_f32: Option<f64>,
-    pub uar_int8: Option<f64>,
+    /// The reduced-precision model's UAR (`uar_int8` in packages written before f16 existed).
+    #[serde(alias = "uar_int8")]
+    pub uar_reduced: Option<f64>,
 }
 
 impl Fidelity {
-    pub fn new(source: String, a: Agreement, uar_f32: Option<f64>, uar_int8: Option<f64>) -> Self {
+    pub fn new(
+        source: String,
+        a: Agreement,
+        uar_f32: Option<f64>,
+        uar_reduced: Option<f64>,
+    ) -> Self {
         Self {
             source,
             clips: a.clips,
@@ -254,7 +265,7 @@ impl Fidelity {
             logit_cosine_mean: a.logit_cosine_mean,
             logit_cosine_min: a.logit_cosine_min,
             uar_f32,
-            uar_int8,
+            uar_reduced,
         }
     }
 
@@ -317,6 +328,19 @@ pub struct NeutralReference {
     pub frames: usize,
 }
 
+/// An f16 package's conversion: which products are f16, what stays f32, and the check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HalfPrecision {
+    /// What is f16 and what is not, in words.
+    pub scheme: String,
+    /// Linear layers (constant-weight `MatMul`s) computed in f16.
+    pub matmuls: usize,
+    /// The f16 model against the f32 one on held-out clips.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fidelity: Option<Fidelity>,
+}
+
 /// The name every package's neutral class has (driver profiles measure from it).
 pub const NEUTRAL: &str = "neutral";
 
@@ -336,6 +360,9 @@ pub struct Manifest {
     pub temporal: Temporal,
     pub state: Vec<StateEntry>,
     pub quantization: Option<Quantization>,
+    /// How an f16 package's model was made (`precision` f16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub half: Option<HalfPrecision>,
     pub provenance: Provenance,
     /// The population's resting face in feature space, for driver profiles.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -89,6 +89,12 @@ impl Manifest {
                 "an int8 package must say how it was quantized",
             ));
         }
+        if self.precision == Precision::F16 && self.half.is_none() {
+            return Err(invalid(
+                "half",
+                "an f16 package must say which products are f16",
+            ));
+        }
         if let Some(r) = &self.neutral_reference {
             if r.feature.len() != self.head.feature_dim {
                 return Err(invalid(

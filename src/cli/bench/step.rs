@@ -9,7 +9,15 @@ pub(super) struct StepArgs {
     /// (calibrated on generated synthetic clips) and time both.
     #[arg(long, conflicts_with = "packages")]
     arch: Option<String>,
-    /// With --arch: write the two packages here (default: a temporary directory).
+    /// With --arch: the precisions to export and time.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "f32,int8",
+        requires = "arch"
+    )]
+    precisions: Vec<String>,
+    /// With --arch: write the packages here (default: a temporary directory).
     #[arg(long, requires = "arch")]
     keep: Option<std::path::PathBuf>,
     /// With --arch: int8 export options as `pe-clip export` takes them.
@@ -108,7 +116,7 @@ pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
                     _tmp.path().to_path_buf()
                 }
             };
-            export_random(arch, &dir, a.smooth_alpha, a.per_channel)?
+            export_random(arch, &dir, a.smooth_alpha, a.per_channel, &a.precisions)?
         }
         None if a.packages.is_empty() => anyhow::bail!("give --package DIR or --arch ARCH"),
         None => a.packages.clone(),
@@ -154,18 +162,21 @@ pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
             rows.push(r);
         }
     }
-    // With one f32 and one int8 package: the ratios the export targets.
+    // With an f32 package and an int8 or f16 one: size and speed against f32.
     let f32_rows: Vec<&StepTiming> = rows.iter().filter(|r| r.precision == "f32").collect();
-    let int8_rows: Vec<&StepTiming> = rows.iter().filter(|r| r.precision == "int8").collect();
     let mut ratios = Vec::new();
-    if let (Some(f), Some(q)) = (f32_rows.first(), int8_rows.first()) {
+    for reduced in ["int8", "f16"] {
+        let q_rows: Vec<&StepTiming> = rows.iter().filter(|r| r.precision == reduced).collect();
+        let (Some(f), Some(q)) = (f32_rows.first(), q_rows.first()) else {
+            continue;
+        };
         let size = q.model_bytes as f64 / f.model_bytes as f64;
         let speed: Vec<(usize, f64)> = a
             .threads
             .iter()
             .filter_map(|&t| {
                 let f = f32_rows.iter().find(|r| r.threads == t)?;
-                let q = int8_rows.iter().find(|r| r.threads == t)?;
+                let q = q_rows.iter().find(|r| r.threads == t)?;
                 Some((t, f.median_ms / q.median_ms))
             })
             .collect();
@@ -175,12 +186,16 @@ pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
                 .map(|(t, x)| format!("{x:.2}x at {t} thread(s)"))
                 .collect();
             println!(
-                "int8 / f32 size {:.1} %; int8 speed-up {}",
+                "{reduced} / f32 size {:.1} %; {reduced} speed-up {}",
                 size * 100.0,
                 sp.join(", ")
             );
         }
-        ratios.push(serde_json::json!({"int8_over_f32_size": size, "int8_speedup": speed}));
+        ratios.push(serde_json::json!({
+            "precision": reduced,
+            "over_f32_size": size,
+            "speedup": speed,
+        }));
     }
     if a.json {
         println!(
@@ -198,6 +213,7 @@ fn export_random(
     dir: &std::path::Path,
     smooth_alpha: f32,
     per_channel: bool,
+    precisions: &[String],
 ) -> anyhow::Result<Vec<std::path::PathBuf>> {
     use crate::export::{ExportOptions, Int8Options};
     use crate::frames::clips::LabelledClip;
@@ -260,8 +276,15 @@ fn export_random(
     let calib = clips(Split::Train).unwrap_or_default();
     let check = clips(Split::Test)?;
     let mut out = Vec::new();
-    for int8 in [false, true] {
+    for precision in precisions {
+        let (int8, f16) = match precision.as_str() {
+            "f32" => (false, false),
+            "f16" => (false, true),
+            "int8" => (true, false),
+            other => anyhow::bail!("--precisions: {other:?} is not f32, f16 or int8"),
+        };
         let opts = ExportOptions {
+            f16,
             int8: int8.then(|| Int8Options {
                 observer: ObserverKind::Mse,
                 smooth_alpha: (smooth_alpha > 0.0).then_some(smooth_alpha),
@@ -270,13 +293,17 @@ fn export_random(
                 calib: calib.clone(),
                 calib_source: "synthetic clips".into(),
             }),
-            check: if int8 { check.clone() } else { Vec::new() },
+            check: if int8 || f16 {
+                check.clone()
+            } else {
+                Vec::new()
+            },
             check_source: "synthetic clips".into(),
             window: 16,
             stride: Some(1),
             face_crop: "none".into(),
         };
-        let p = dir.join(if int8 { "int8" } else { "f32" });
+        let p = dir.join(precision);
         export_logged(&model, &spec, &provenance, &p, &opts)?;
         out.push(p);
     }
@@ -317,6 +344,7 @@ fn export_random(
     _dir: &std::path::Path,
     _smooth_alpha: f32,
     _per_channel: bool,
+    _precisions: &[String],
 ) -> anyhow::Result<Vec<std::path::PathBuf>> {
     Err(crate::cli::built_without_train("bench step --arch"))
 }

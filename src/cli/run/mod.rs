@@ -121,6 +121,10 @@ pub struct Args {
     /// Threads for tract's matmuls (the frame reader has its own thread).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Threads stepping the exact windows' chains side by side (`--hop` below the window gives
+    /// ceil(W/H) chains; at most that many threads are used; each has its own tract state).
+    #[arg(long, default_value_t = 1)]
+    chain_threads: usize,
     /// Where the step model runs: cpu, gpu (tract's CUDA runtime: a build with `--features
     /// gpu` and CUDA on the machine) or auto (the GPU when both are there).
     #[arg(long, default_value = "auto")]
@@ -221,6 +225,7 @@ fn run_config(
     if let Some(h) = args.hop {
         cfg.windowing.hop = h;
     }
+    cfg.chain_threads = args.chain_threads;
     cfg.windowing.continuous = args.continuous;
     cfg.windowing.partial_every = args.partial_every;
     cfg.smoothing = args.smooth.parse::<Smoothing>()?;
