@@ -191,6 +191,10 @@ pub enum Int8Form {
     Native,
     /// A `MatMul` of the int8 values widened to i32 or f32 ([`crate::onnx::widened_int8_matmuls`]).
     Widened(Widening),
+    /// Weight-only int8: the dequantized weights in f32 products of unquantized activations
+    /// ([`crate::onnx::dequantized`]); only by `PE_CLIP_INT8_MATMUL=dequantized`, as its answers
+    /// are not the int8 model's (they lack its activation rounding).
+    Dequantized,
 }
 
 impl Int8Form {
@@ -201,7 +205,10 @@ impl Int8Form {
             Ok("native") => return Int8Form::Native,
             Ok("i32") => return Int8Form::Widened(Widening::I32),
             Ok("f32") => return Int8Form::Widened(Widening::F32),
-            Ok(other) => log::warn!("PE_CLIP_INT8_MATMUL={other} ignored (native, i32 or f32)"),
+            Ok("dequantized") => return Int8Form::Dequantized,
+            Ok(other) => {
+                log::warn!("PE_CLIP_INT8_MATMUL={other} ignored (native, i32, f32, dequantized)")
+            }
             Err(_) => {}
         }
         #[cfg(target_arch = "x86_64")]
@@ -222,16 +229,19 @@ impl Int8Form {
 fn in_int8_form<'a>(bytes: &'a [u8], form: Int8Form, context: &str) -> std::borrow::Cow<'a, [u8]> {
     use prost::Message;
     const OP: &[u8] = b"MatMulInteger";
-    let to = match form {
-        Int8Form::Widened(to) if bytes.windows(OP.len()).any(|w| w == OP) => to,
-        _ => return bytes.into(),
-    };
+    if form == Int8Form::Native || !bytes.windows(OP.len()).any(|w| w == OP) {
+        return bytes.into();
+    }
     let widened = crate::onnx::decode(bytes, context).and_then(|m| {
-        crate::onnx::widened_int8_matmuls(&m, to).map_err(|e| Error::engine(context, e))
+        match form {
+            Int8Form::Widened(to) => crate::onnx::widened_int8_matmuls(&m, to),
+            _ => crate::onnx::dequantized(&m),
+        }
+        .map_err(|e| Error::engine(context, e))
     });
     match widened {
         Ok(m) => {
-            log::info!("{context}: int8 products widened to {to:?}");
+            log::info!("{context}: int8 layers as {form:?}");
             m.encode_to_vec().into()
         }
         Err(e) => {
@@ -344,10 +354,13 @@ impl StepModel {
             .collect();
         outputs.extend(extra.iter().cloned());
         let model = model.with_outputs_by_name(&outputs).map_err(err)?;
-        let typed = model
-            .into_typed()
-            .and_then(|m| m.into_decluttered())
-            .map_err(err)?;
+        // The CPU plan straight from the inference model (declutter and optimise once); the
+        // GPU one from the decluttered model, which tract-cuda transforms before optimising.
+        let typed = match device {
+            Device::Gpu => model.into_typed().and_then(|m| m.into_decluttered()),
+            _ => model.into_optimized(),
+        }
+        .map_err(err)?;
         let feature_dim = typed
             .output_fact(0)
             .map_err(err)?
@@ -357,10 +370,7 @@ impl StepModel {
             .ok_or_else(|| Error::engine(context, "the feature output has no fixed shape"))?;
         let plan = match device {
             Device::Gpu => gpu::plan(typed, context)?,
-            _ => typed
-                .into_optimized()
-                .and_then(|m| m.into_runnable())
-                .map_err(err)?,
+            _ => typed.into_runnable().map_err(err)?,
         };
         let runner = plan.spawn().map_err(err)?;
         Ok(Self {
