@@ -407,5 +407,10 @@ mod tests {
             String::from_utf8(again).unwrap().trim_end(),
             std::str::from_utf8(DEMO).unwrap().trim_end()
         );
+        // A package written before f16 spells the reduced model's UAR `uar_int8`.
+        let old = std::str::from_utf8(DEMO)
+            .unwrap()
+            .replace("\"uar_reduced\"", "\"uar_int8\"");
+        assert_eq!(Manifest::parse(old.as_bytes()).unwrap(), m);
     }
 }
