@@ -25,7 +25,8 @@ pub(super) struct StepArgs {
     smooth_alpha: f32,
     #[arg(long)]
     per_channel: bool,
-    /// Timed steps per package and thread count (after 3 warm-up steps).
+    /// Timed steps per package and thread count (after 3 warm-up steps), one step of each
+    /// package in turn so that the machine's drift slows them alike.
     #[arg(long, default_value_t = 20)]
     steps: usize,
     /// Also print where the time of one step goes, per operator (1 thread).
@@ -71,35 +72,45 @@ fn load_for_timing(
     Ok((pkg, model, frame))
 }
 
-fn time_package(
-    dir: &std::path::Path,
+/// Time the packages in `dirs` at `threads`, their steps interleaved (one step of each in turn),
+/// so that a machine whose speed drifts during the run slows them alike and their ratios hold.
+fn time_packages(
+    dirs: &[std::path::PathBuf],
     threads: usize,
     steps: usize,
     device: crate::engine::Device,
-) -> anyhow::Result<StepTiming> {
-    let (pkg, mut model, frame) = load_for_timing(dir, threads, device)?;
-    let mut state = model.zero_state();
-    for _ in 0..3 {
-        model.step(&frame, &mut state)?;
+) -> anyhow::Result<Vec<StepTiming>> {
+    let mut loaded = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        let (pkg, mut model, frame) = load_for_timing(dir, threads, device)?;
+        let mut state = model.zero_state();
+        for _ in 0..3 {
+            model.step(&frame, &mut state)?;
+        }
+        loaded.push((pkg, model, frame, state, Vec::with_capacity(steps)));
     }
-    let mut ms = Vec::with_capacity(steps);
     for _ in 0..steps {
-        let t = std::time::Instant::now();
-        model.step(&frame, &mut state)?;
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        for (_, model, frame, state, ms) in loaded.iter_mut() {
+            let t = std::time::Instant::now();
+            model.step(frame, state)?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
     }
-    ms.sort_by(f64::total_cmp);
-    let bytes = std::fs::metadata(pkg.model_path())?.len();
-    Ok(StepTiming {
-        package: dir.display().to_string(),
-        precision: pkg.manifest.precision.to_string(),
-        model_bytes: bytes,
-        threads,
-        steps,
-        median_ms: ms[ms.len() / 2],
-        p90_ms: ms[(ms.len() * 9 / 10).min(ms.len() - 1)],
-        min_ms: ms[0],
-    })
+    let mut rows = Vec::with_capacity(dirs.len());
+    for (dir, (pkg, _, _, _, mut ms)) in dirs.iter().zip(loaded) {
+        ms.sort_by(f64::total_cmp);
+        rows.push(StepTiming {
+            package: dir.display().to_string(),
+            precision: pkg.manifest.precision.to_string(),
+            model_bytes: std::fs::metadata(pkg.model_path())?.len(),
+            threads,
+            steps,
+            median_ms: ms[ms.len() / 2],
+            p90_ms: ms[(ms.len() * 9 / 10).min(ms.len() - 1)],
+            min_ms: ms[0],
+        });
+    }
+    Ok(rows)
 }
 
 pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
@@ -144,9 +155,8 @@ pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
         println!("machine: {machine}; device {device:?}");
     }
     let mut rows = Vec::new();
-    for p in &packages {
-        for &t in &a.threads {
-            let r = time_package(p, t, a.steps, device)?;
+    for &t in &a.threads {
+        for r in time_packages(&packages, t, a.steps, device)? {
             if !a.json {
                 println!(
                     "{} ({}, {:.1} MB): {} thread(s): median {:.2} ms, p90 {:.2} ms, min {:.2} ms",
