@@ -146,9 +146,16 @@ fn kernels(model: &TypedModel) -> Vec<KernelUse> {
             .unwrap_or(1)
             .max(1) as u64;
         let macs = volume(&op.c_fact.shape).unwrap_or(0) * k;
-        // The plan's first mode: the one a fixed-shape step runs (a vector-or-matrix picker
-        // would add a second kernel for n = 1, listed too).
-        for (mode, mmm) in op.mmm.iter().enumerate() {
+        // The mode tract picks at run time for this product's n (`ModePicker`: a vector kernel
+        // for n = 1, else the matrix one); a step's shapes are fixed, so one mode runs.
+        let n = op
+            .c_n_axis
+            .and_then(|ax| op.c_fact.shape.as_concrete()?.get(ax).copied())
+            .unwrap_or(1);
+        let Ok(mode) = op.mode_picker.pick(n) else {
+            continue;
+        };
+        if let Some(mmm) = op.mmm.get(mode) {
             let packing = op
                 .micro_ops
                 .iter()
@@ -206,17 +213,17 @@ mod tests {
     use pe_clip_calibrate::int8::{quantize, LinearRanges};
     use prost::Message;
 
-    /// `[4, 3] x [3, 2]`, then `[4, 2] x [2, 5]`: 24 + 40 multiply-accumulates.
-    fn two_linears(int8: bool) -> Vec<u8> {
+    /// `[rows, 3] x [3, 2]`, then `[rows, 2] x [2, 5]`: 16 · rows multiply-accumulates.
+    fn two_linears(int8: bool, rows: usize) -> Vec<u8> {
         let mut g = Graph::new("c");
-        let x = g.input("x", ElemType::F32, &[4, 3]);
+        let x = g.input("x", ElemType::F32, &[rows, 3]);
         let opts = LinearOpts {
             bias: None,
             quantizable: true,
         };
         let a = g.linear(&x, "a", &[0.5; 6], 2, 3, opts.clone());
         let b = g.linear(&a, "b", &[-0.25; 10], 5, 2, opts);
-        g.output(&b, "y", ElemType::F32, Some(&[4, 5]));
+        g.output(&b, "y", ElemType::F32, Some(&[rows, 5]));
         let g = if int8 {
             let ranges = [("a", 1.0), ("b", 2.0)]
                 .map(|(n, r)| (n.to_string(), LinearRanges { input: r }))
@@ -230,14 +237,17 @@ mod tests {
 
     #[test]
     fn matrix_products_are_counted_per_class_and_per_kernel() {
-        for (int8, class) in [(false, "matmul f32"), (true, "matmul i8")] {
-            let bytes = two_linears(int8);
+        // One row: a vector-or-matrix product, whose plan holds two kernels of which one runs.
+        let cases = [(false, "matmul f32"), (true, "matmul i8")];
+        for ((int8, class), rows) in cases.into_iter().flat_map(|c| [(c, 4), (c, 1)]) {
+            let bytes = two_linears(int8, rows);
+            let macs = 16 * rows as u64;
             let classes = op_classes(&bytes, "t").unwrap();
             let mm: Vec<&OpClass> = classes.iter().filter(|c| c.class != "other").collect();
             assert_eq!(mm.len(), 1, "{classes:?}");
             assert_eq!(
                 (mm[0].class.as_str(), mm[0].nodes, mm[0].macs),
-                (class, 2, 64)
+                (class, 2, macs)
             );
             let plan = tract_onnx::onnx()
                 .model_for_read(&mut &bytes[..])
@@ -245,7 +255,8 @@ mod tests {
                 .into_optimized()
                 .unwrap();
             let k = kernels(&plan);
-            assert_eq!(k.iter().map(|k| k.macs).sum::<u64>(), 64, "{k:?}");
+            assert_eq!(k.iter().map(|k| k.macs).sum::<u64>(), macs, "{k:?}");
+            assert_eq!(k.iter().map(|k| k.nodes).sum::<usize>(), 2, "{k:?}");
             assert!(k
                 .iter()
                 .all(|k| !k.kernel.is_empty() && !k.packing.is_empty()));

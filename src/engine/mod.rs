@@ -13,7 +13,9 @@ use crate::package::Package;
 
 mod cost;
 mod gpu;
+mod pipeline;
 pub use cost::{tract_isa, KernelUse, OpClass, StepCost};
+pub use pipeline::{blocks_of, split_after_block, BlockPipeline, StageSplit};
 
 /// One state input/output pair of the step model.
 #[derive(Debug, Clone, PartialEq)]
@@ -199,7 +201,7 @@ pub enum Int8Form {
 
 impl Int8Form {
     /// `PE_CLIP_INT8_MATMUL=native|i32|f32` if set, else f32-widened on x86-64 CPUs without
-    /// AVX-512 VNNI or AVX-VNNI, native elsewhere (docs/device.md has the measurements).
+    /// AVX-512 VNNI or AVX-VNNI (as tract sees them, `TRACT_CPU_ISA` included), native elsewhere (docs/device.md has the measurements).
     pub fn for_this_cpu() -> Self {
         match std::env::var("PE_CLIP_INT8_MATMUL").as_deref() {
             Ok("native") => return Int8Form::Native,
@@ -213,9 +215,11 @@ impl Int8Form {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            // Every AMX-INT8 CPU has AVX-512 VNNI.
-            let vnni = std::is_x86_feature_detected!("avx512vnni")
-                || std::is_x86_feature_detected!("avxvnni");
+            // tract's probed set, so `TRACT_CPU_ISA=-avx512vnni,-avxvnni,-amx-int8` on a VNNI
+            // machine picks what a machine without VNNI gets. Every AMX-INT8 CPU has AVX-512 VNNI.
+            use tract_onnx::tract_core::tract_linalg::isa::{native, Isa};
+            let isa = native();
+            let vnni = isa.has(Isa::X86_64Avx512Vnni) || isa.has(Isa::X86_64AvxVnni);
             if !vnni {
                 return Int8Form::Widened(Widening::F32);
             }

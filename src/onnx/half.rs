@@ -8,27 +8,11 @@
 //! carry sums and exponentials whose range or cancellation f16 loses (docs/device.md has the
 //! measured agreement).
 
-use super::pb;
+use super::{cast_node as cast, pb};
 use crate::error::OnnxError;
 
 const FLOAT: i32 = 1;
 const FLOAT16: i32 = 10;
-
-fn cast(input: &str, output: &str, to: i32) -> pb::NodeProto {
-    pb::NodeProto {
-        input: vec![input.to_string()],
-        output: vec![output.to_string()],
-        name: format!("{output}/cast"),
-        op_type: "Cast".into(),
-        attribute: vec![pb::AttributeProto {
-            name: "to".into(),
-            r#type: pb::attribute_proto::AttributeType::Int as i32,
-            i: i64::from(to),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-}
 
 fn f32_values(t: &pb::TensorProto) -> Result<Vec<f32>, OnnxError> {
     let bad = |why: &str| OnnxError::Tensor {
@@ -196,23 +180,8 @@ mod tests {
     }
 
     fn run(m: &pb::ModelProto) -> Vec<f32> {
-        let bytes = m.encode_to_vec();
-        let plan = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
-            .unwrap()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
         let x: Vec<f32> = (0..8).map(|k| (k as f32 * 0.37).sin()).collect();
-        let y = plan
-            .run(tvec!(Tensor::from_shape(&[2, 4], &x).unwrap().into()))
-            .unwrap();
-        y[0].try_as_plain_ram()
-            .unwrap()
-            .as_slice::<f32>()
-            .unwrap()
-            .to_vec()
+        super::super::run_once(m, &[2, 4], &x)
     }
 
     fn count(m: &pb::ModelProto, op: &str) -> usize {

@@ -20,6 +20,24 @@ pub const OPSET: i64 = 17;
 /// IR version matching opset 17.
 pub const IR_VERSION: i64 = 8;
 
+/// `Cast(input) -> output` to ONNX element type `to`, named `{output}/cast` (the engine finds an
+/// f16 package's activation casts by the `.f16/cast` these names end in).
+pub(crate) fn cast_node(input: &str, output: &str, to: i32) -> pb::NodeProto {
+    pb::NodeProto {
+        input: vec![input.to_string()],
+        output: vec![output.to_string()],
+        name: format!("{output}/cast"),
+        op_type: "Cast".into(),
+        attribute: vec![pb::AttributeProto {
+            name: "to".into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: i64::from(to),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 fn value_info(io: &Io) -> pb::ValueInfoProto {
     let shape = io.dims.as_ref().map(|dims| pb::TensorShapeProto {
         dim: dims
@@ -142,4 +160,26 @@ pub fn add_outputs(m: &mut pb::ModelProto, names: &[String]) {
             }));
         }
     }
+}
+
+/// Test helper: `m`'s first output, run once in tract (optimised plan) on one f32 input.
+#[cfg(test)]
+pub(crate) fn run_once(m: &pb::ModelProto, shape: &[usize], x: &[f32]) -> Vec<f32> {
+    use tract_onnx::prelude::{tvec, Framework, InferenceModelExt, IntoRunnable, Tensor};
+    let bytes = m.encode_to_vec();
+    let plan = tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let y = plan
+        .run(tvec!(Tensor::from_shape(shape, x).unwrap().into()))
+        .unwrap();
+    y[0].try_as_plain_ram()
+        .unwrap()
+        .as_slice::<f32>()
+        .unwrap()
+        .to_vec()
 }

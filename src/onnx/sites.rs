@@ -370,19 +370,6 @@ pub fn widened_int8_matmuls(m: &pb::ModelProto, to: Widening) -> Result<pb::Mode
         Widening::I32 => (INT32, "i32"),
         Widening::F32 => (FLOAT, "f32"),
     };
-    let cast = |input: &str, output: String, elem: i32| pb::NodeProto {
-        input: vec![input.to_string()],
-        output: vec![output.clone()],
-        name: format!("{output}/node"),
-        op_type: "Cast".into(),
-        attribute: vec![pb::AttributeProto {
-            name: "to".into(),
-            r#type: pb::attribute_proto::AttributeType::Int as i32,
-            i: i64::from(elem),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
     for site in &sites {
         let names = SiteNames::new(site.name.clone());
         let (xq, wq) = (names.x_q(), names.weight_q());
@@ -422,7 +409,8 @@ pub fn widened_int8_matmuls(m: &pb::ModelProto, to: Widening) -> Result<pb::Mode
             },
             ..Default::default()
         });
-        g.node.splice(pos..=pos, [cast(&xq, xw, wide), matmul]);
+        g.node
+            .splice(pos..=pos, [super::cast_node(&xq, &xw, wide), matmul]);
         if let (Widening::F32, Some(b)) = (to, &site.scales.bias_q) {
             // The bias is added to an f32 accumulator: an f32 copy of it.
             let (bq, bf) = (names.bias_q(), format!("{}.f32", names.bias_q()));
@@ -608,8 +596,6 @@ mod tests {
     /// bit: its bound (inner size <= 1,024) is where every partial sum stays exact.
     #[test]
     fn f32_widening_is_exact_at_the_largest_sums_of_a_768_wide_layer() {
-        use prost::Message;
-        use tract_onnx::prelude::{tvec, Framework, InferenceModelExt, IntoRunnable, Tensor};
         let (inner, out) = (768, 8);
         let mut seed = 1u32;
         let mut rand = move || {
@@ -646,23 +632,7 @@ mod tests {
         let ranges = HashMap::from([("l".to_string(), LinearRanges { input: 1.0 })]);
         for per_channel in [false, true] {
             let m = to_model_proto(&quantize(&g, &ranges, per_channel).0, &[]);
-            let run = |m: &pb::ModelProto| -> Vec<f32> {
-                let bytes = m.encode_to_vec();
-                let plan = tract_onnx::onnx()
-                    .model_for_read(&mut &bytes[..])
-                    .unwrap()
-                    .into_optimized()
-                    .unwrap()
-                    .into_runnable()
-                    .unwrap();
-                let xt = Tensor::from_shape(&[4, inner], &x).unwrap();
-                let y = plan.run(tvec!(xt.into())).unwrap();
-                y[0].try_as_plain_ram()
-                    .unwrap()
-                    .as_slice::<f32>()
-                    .unwrap()
-                    .to_vec()
-            };
+            let run = |m: &pb::ModelProto| super::super::run_once(m, &[4, inner], &x);
             let native = run(&m);
             // The extreme row really reaches 127·127·768 before rescaling.
             let site = &quant_sites(&m).unwrap()[0];
@@ -681,25 +651,7 @@ mod tests {
     /// exact f32 ones at this inner size), per tensor and per column.
     #[test]
     fn widened_int8_matmuls_give_identical_outputs() {
-        use prost::Message;
-        use tract_onnx::prelude::{tvec, Framework, InferenceModelExt, IntoRunnable, Tensor};
-        let run = |m: &pb::ModelProto| -> Vec<f32> {
-            let bytes = m.encode_to_vec();
-            let plan = tract_onnx::onnx()
-                .model_for_read(&mut &bytes[..])
-                .unwrap()
-                .into_optimized()
-                .unwrap()
-                .into_runnable()
-                .unwrap();
-            let x = Tensor::from_shape(&[1, 3], &[0.7f32, -1.9, 1.3]).unwrap();
-            let y = plan.run(tvec!(x.into())).unwrap();
-            y[0].try_as_plain_ram()
-                .unwrap()
-                .as_slice::<f32>()
-                .unwrap()
-                .to_vec()
-        };
+        let run = |m: &pb::ModelProto| super::super::run_once(m, &[1, 3], &[0.7, -1.9, 1.3]);
         for (per_channel, to) in [false, true]
             .into_iter()
             .flat_map(|p| [(p, Widening::I32), (p, Widening::F32)])

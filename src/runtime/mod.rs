@@ -51,6 +51,8 @@ pub struct RunConfig {
     pub driver: Option<pe_clip_calibrate::profile::DriverProfile>,
     /// Threads stepping the exact windows' chains side by side (at most the number of chains).
     pub chain_threads: usize,
+    /// Step the model as two stages on two threads (`engine::BlockPipeline`; one chain only).
+    pub block_pipeline: bool,
 }
 
 impl RunConfig {
@@ -73,6 +75,7 @@ impl RunConfig {
             stats_every: None,
             driver: None,
             chain_threads: 1,
+            block_pipeline: false,
         }
     }
 }
@@ -209,20 +212,57 @@ struct Frame<'a> {
     streamer: &'a mut Streamer,
     smoother: &'a mut Smoother,
     classes: &'a [String],
+    /// Frames in the block pipeline: what their events need, and when they were submitted.
+    pending: &'a mut std::collections::VecDeque<(Sampled, Instant)>,
 }
 
 impl Frame<'_> {
     /// Step the model on `s`; on a prediction, smooth it and hand the event to `sink`. Records
-    /// the latencies in every one of `stats` (the whole run's, the interval's).
+    /// the latencies in every one of `stats` (the whole run's, the interval's). With the block
+    /// pipeline, `s` is submitted and accounted for by a later [`Frame::complete`]; this waits
+    /// only while two frames are in flight.
     fn process(
         &mut self,
-        s: Sampled,
+        mut s: Sampled,
         sink: &mut dyn Sink,
         stats: [&mut RunStats; 2],
     ) -> Result<()> {
         let t0 = Instant::now();
+        if self.streamer.pipelined() {
+            self.streamer
+                .submit(std::mem::take(&mut s.bytes), s.index, s.t_ms)?;
+            self.pending.push_back((s, t0));
+            let [run, interval] = stats;
+            while self.streamer.in_flight() >= 2 {
+                self.complete(sink, [&mut *run, &mut *interval])?;
+            }
+            return Ok(());
+        }
         let steps_before = self.streamer.steps;
         let pred = self.streamer.push(self.model, &s.bytes, s.index, s.t_ms)?;
+        self.account(pred, &s, t0, steps_before, sink, stats)
+    }
+
+    /// Wait for the oldest frame in the block pipeline and account for it (nothing to do when
+    /// none is in flight).
+    fn complete(&mut self, sink: &mut dyn Sink, stats: [&mut RunStats; 2]) -> Result<()> {
+        let Some((s, t0)) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        let steps_before = self.streamer.steps;
+        let pred = self.streamer.complete()?;
+        self.account(pred, &s, t0, steps_before, sink, stats)
+    }
+
+    fn account(
+        &mut self,
+        pred: Option<stream::Prediction>,
+        s: &Sampled,
+        t0: Instant,
+        steps_before: u64,
+        sink: &mut dyn Sink,
+        stats: [&mut RunStats; 2],
+    ) -> Result<()> {
         let frame_ms = s.prep_ms + t0.elapsed().as_secs_f64() * 1e3;
         let [run, interval] = stats;
         run.counts.processed += 1;
@@ -265,6 +305,16 @@ pub fn run(
     if cfg.chain_threads > 1 {
         streamer = streamer.with_chain_threads(model, cfg.chain_threads)?;
     }
+    if cfg.block_pipeline {
+        let context = package.model_path().display().to_string();
+        let pipeline = crate::engine::BlockPipeline::new(&package.model_bytes()?, &context, None)?;
+        log::info!(
+            "block pipeline: blocks 0..{} on one thread, the rest on another",
+            pipeline.cut()
+        );
+        streamer = streamer.with_block_pipeline(pipeline)?;
+    }
+    let mut pending = std::collections::VecDeque::with_capacity(2);
     let mut smoother = Smoother::new(cfg.smoothing);
     let description = source.describe();
     log::info!(
@@ -311,6 +361,36 @@ pub fn run(
                 last_report = Instant::now();
             }
         }
+        let mut frame = Frame {
+            model: &mut *model,
+            streamer: &mut streamer,
+            smoother: &mut smoother,
+            classes: &classes,
+            pending: &mut pending,
+        };
+        // A frame in the block pipeline is finished as soon as no next frame is waiting, so
+        // the pipeline adds no latency to a source slower than the model.
+        if frame.streamer.in_flight() > 0 {
+            match rx.try_recv() {
+                Ok(Msg::Frame(s)) => {
+                    frame.process(s, sink, [&mut stats, &mut interval])?;
+                    continue;
+                }
+                Ok(Msg::End(r)) => {
+                    while frame.streamer.in_flight() > 0 {
+                        frame.complete(sink, [&mut stats, &mut interval])?;
+                    }
+                    break r;
+                }
+                Err(mpsc::TryRecvError::Empty) => {
+                    frame.complete(sink, [&mut stats, &mut interval])?;
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    break Err(Error::Stopped("the frame reader stopped unexpectedly"))
+                }
+            }
+        }
         let msg = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(m) => m,
             Err(RecvTimeoutError::Timeout) => continue,
@@ -319,15 +399,7 @@ pub fn run(
             }
         };
         match msg {
-            Msg::Frame(s) => {
-                let mut frame = Frame {
-                    model: &mut *model,
-                    streamer: &mut streamer,
-                    smoother: &mut smoother,
-                    classes: &classes,
-                };
-                frame.process(s, sink, [&mut stats, &mut interval])?;
-            }
+            Msg::Frame(s) => frame.process(s, sink, [&mut stats, &mut interval])?,
             Msg::End(r) => break r,
         }
     };

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 
-use crate::engine::{StepModel, StepState};
+use crate::engine::{BlockPipeline, StepModel, StepState};
 use crate::error::{Error, Result};
 use crate::package::Head;
 
@@ -95,6 +95,19 @@ pub struct Streamer {
     /// Forks of the model ([`StepModel::fork`]) stepping chains on their own threads beside
     /// the caller's model ([`Streamer::with_chain_threads`]).
     helpers: Vec<StepModel>,
+    /// The model as a two-stage pipeline ([`Streamer::with_block_pipeline`]), with the frames
+    /// submitted to it whose features are still to come: (source index, t_ms).
+    pipeline: Option<BlockPipeline>,
+    in_flight: VecDeque<(u64, f64)>,
+    submitted: u64,
+}
+
+/// Where the feature of the frame being accounted for comes from.
+enum FeatureSource<'a> {
+    /// Step the chains on this frame.
+    Step(&'a mut StepModel, &'a [u8]),
+    /// The block pipeline computed it (one chain).
+    Given(Vec<f32>),
 }
 
 impl Streamer {
@@ -120,7 +133,62 @@ impl Streamer {
             sampled: 0,
             steps: 0,
             helpers: Vec::new(),
+            pipeline: None,
+            in_flight: VecDeque::with_capacity(2),
+            submitted: 0,
         })
+    }
+
+    /// Step the model as `pipeline`'s two stages on two threads (same features, to rounding).
+    /// Only for one chain: continuous mode, or exact windows with hop = window.
+    pub fn with_block_pipeline(mut self, pipeline: BlockPipeline) -> Result<Self> {
+        let g = self.geometry;
+        if !(g.continuous || g.hop == g.window) {
+            return Err(Error::usage(format!(
+                "the block pipeline steps one chain: give --hop {} (= the window) or \
+                 --continuous (hop {} makes {} chains; --chain-threads steps those side by side)",
+                g.window,
+                g.hop,
+                g.chains()
+            )));
+        }
+        self.pipeline = Some(pipeline);
+        Ok(self)
+    }
+
+    /// Whether frames go through the block pipeline ([`Streamer::submit`]).
+    pub fn pipelined(&self) -> bool {
+        self.pipeline.is_some()
+    }
+
+    /// Frames submitted to the block pipeline whose predictions are not accounted for yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Hand a sampled frame to the block pipeline (blocks while both stages are busy and one
+    /// frame waits); [`Streamer::complete`] accounts for it later, in order.
+    pub fn submit(&mut self, frame_bytes: Vec<u8>, frame_index: u64, t_ms: f64) -> Result<()> {
+        let Some(p) = &self.pipeline else {
+            return Err(Error::usage("submit needs the block pipeline"));
+        };
+        let g = self.geometry;
+        let reset = self.submitted == 0 || (!g.continuous && self.submitted % g.window as u64 == 0);
+        p.submit(frame_bytes, reset)?;
+        self.submitted += 1;
+        self.in_flight.push_back((frame_index, t_ms));
+        Ok(())
+    }
+
+    /// Wait for the oldest submitted frame's feature and account for it as [`Streamer::push`]
+    /// does; `None` when nothing is in flight or the frame completes no prediction.
+    pub fn complete(&mut self) -> Result<Option<Prediction>> {
+        let (Some(p), Some(&(frame_index, t_ms))) = (&self.pipeline, self.in_flight.front()) else {
+            return Ok(None);
+        };
+        let feature = p.next_feature()?;
+        self.in_flight.pop_front();
+        self.advance(FeatureSource::Given(feature), frame_index, t_ms)
     }
 
     /// Step the chains a frame advances on up to `threads` threads (each with its fork of
@@ -165,10 +233,29 @@ impl Streamer {
 
     /// Feed one sampled frame (model-ready bytes) with its source index and time; returns the
     /// predictions it completes (at most one full window, or one partial).
+    /// With the block pipeline, the frame is submitted and waited for.
     pub fn push(
         &mut self,
         model: &mut StepModel,
         frame_bytes: &[u8],
+        frame_index: u64,
+        t_ms: f64,
+    ) -> Result<Option<Prediction>> {
+        if self.pipeline.is_some() {
+            self.submit(frame_bytes.to_vec(), frame_index, t_ms)?;
+            let mut last = None;
+            while self.in_flight() > 0 {
+                last = self.complete()?.or(last);
+            }
+            return Ok(last);
+        }
+        self.advance(FeatureSource::Step(model, frame_bytes), frame_index, t_ms)
+    }
+
+    /// Account for one sampled frame, its feature from `source`.
+    fn advance(
+        &mut self,
+        source: FeatureSource,
         frame_index: u64,
         t_ms: f64,
     ) -> Result<Option<Prediction>> {
@@ -182,7 +269,10 @@ impl Streamer {
         let partial_due = g.partial_every > 0 && (i + 1).is_multiple_of(g.partial_every);
         if g.continuous {
             let chain = &mut self.chains[0];
-            let f = model.step(frame_bytes, &mut chain.state)?;
+            let f = match source {
+                FeatureSource::Step(model, frame) => model.step(frame, &mut chain.state)?,
+                FeatureSource::Given(f) => f,
+            };
             self.steps += 1;
             for (s, v) in self.feature_sum.iter_mut().zip(&f) {
                 *s += *v as f64;
@@ -217,14 +307,34 @@ impl Streamer {
                 continue;
             }
             if r == 0 {
-                chain.state = model.zero_state();
+                if let FeatureSource::Step(model, _) = &source {
+                    chain.state = model.zero_state();
+                }
                 chain.sum.iter_mut().for_each(|s| *s = 0.0);
                 chain.count = 0;
             }
             active.push((k, chain));
         }
         self.steps += active.len() as u64;
-        let done = step_chains(model, &mut self.helpers, active, frame_bytes, g.window)?;
+        let done = match source {
+            FeatureSource::Step(model, frame) => {
+                step_chains(model, &mut self.helpers, active, frame, g.window)?
+            }
+            // One chain (checked in `with_block_pipeline`), its state in the pipeline's stages.
+            FeatureSource::Given(f) => {
+                let mut done = None;
+                for (k, chain) in active {
+                    for (s, v) in chain.sum.iter_mut().zip(&f) {
+                        *s += *v as f64;
+                    }
+                    chain.count += 1;
+                    if chain.count == g.window {
+                        done = Some(k);
+                    }
+                }
+                done
+            }
+        };
         Ok(if let Some(k) = done {
             Some(self.prediction(&self.chains[k].sum, g.window, false))
         } else if i + 1 < g.window && partial_due {

@@ -114,6 +114,64 @@ fn chains_on_several_threads_give_the_same_events() {
     assert_eq!(one, events("3"));
 }
 
+/// The block pipeline (two stages on two threads) gives the one-thread run's events: the same
+/// windows and frames, logits equal to rounding, in exact and continuous mode; a geometry of
+/// several chains is refused with the way out.
+#[test]
+fn the_block_pipeline_gives_the_same_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = |extra: &[&str], name: &str| {
+        let out = dir.path().join(format!("{name}.jsonl"));
+        let o = bin()
+            .args([
+                "run",
+                "--source",
+                "synth",
+                "--frames",
+                "120",
+                "--events",
+                s(&out),
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let logits: Vec<f64> = v["logits"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect();
+                ((v["frame"].clone(), v["partial"].clone()), logits)
+            })
+            .collect::<Vec<_>>()
+    };
+    for mode in [&[][..], &["--continuous"][..]] {
+        let one = events(mode, "one");
+        let piped = events(&[mode, &["--block-pipeline"][..]].concat(), "piped");
+        assert!(one.len() > 5, "{}", one.len());
+        assert_eq!(one.len(), piped.len());
+        for ((a, la), (b, lb)) in one.iter().zip(&piped) {
+            assert_eq!(a, b);
+            for (x, y) in la.iter().zip(lb) {
+                assert!((x - y).abs() < 1e-3, "{mode:?}: {la:?} vs {lb:?}");
+            }
+        }
+    }
+    let o = bin()
+        .args(["run", "--source", "synth", "--frames", "8", "--hop", "4"])
+        .arg("--block-pipeline")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--chain-threads"), "{}", stderr(&o));
+}
+
 /// Events on a .y4m file: one JSON object per line with the documented fields; exact windows
 /// every hop after the partial ones.
 #[test]

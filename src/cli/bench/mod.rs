@@ -1,11 +1,13 @@
 //! `pe-clip bench`: device and host timings as JSON or a line of text, one file per benchmark.
 
 mod calibrate;
+mod cores;
 pub mod driver;
 mod step;
 mod train;
 
 use calibrate::CalibrateArgs;
+use cores::CoresArgs;
 use driver::DriverArgs;
 use step::StepArgs;
 use train::TrainArgs;
@@ -23,6 +25,9 @@ enum What {
     Train(TrainArgs),
     /// Per-frame step latency of model packages in tract, at each thread count.
     Step(StepArgs),
+    /// Frames/s and latency of a stream on one core and on two: tract's matmul threads, a
+    /// window's chains on threads (H < W), or the block pipeline (H = W).
+    Cores(CoresArgs),
     /// Time of `pe-clip calibrate` (ranges) on a few clips against running the same clips.
     Calibrate(CalibrateArgs),
     /// UAR of synthetic drivers with a shifted resting face, without and with a driver profile.
@@ -68,6 +73,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     match args.what {
         What::Train(a) => train::run_train(a),
         What::Step(a) => step::run_step(a),
+        What::Cores(a) => cores::run_cores(a),
         What::Calibrate(a) => calibrate::run_calibrate(a),
         What::Driver(a) => driver::run_driver(a),
     }

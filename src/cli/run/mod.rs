@@ -125,6 +125,11 @@ pub struct Args {
     /// ceil(W/H) chains; at most that many threads are used; each has its own tract state).
     #[arg(long, default_value_t = 1)]
     chain_threads: usize,
+    /// Step the model as two stages on two threads (blocks 0..B/2 beside the rest, each with
+    /// its blocks' states; the same events): for one chain (hop = window, or --continuous),
+    /// on the CPU. Faster than --threads 2 where a step is short (docs/device.md).
+    #[arg(long, conflicts_with = "chain_threads")]
+    block_pipeline: bool,
     /// Where the step model runs: cpu, gpu (tract's CUDA runtime: a build with `--features
     /// gpu` and CUDA on the machine) or auto (the GPU when both are there).
     #[arg(long, default_value = "auto")]
@@ -159,7 +164,14 @@ fn run_with(mut args: Args, demo: bool) -> anyhow::Result<u8> {
     if demo && args.plot.is_none() {
         args.plot = Some(PathBuf::from(DEMO_PLOT));
     }
-    let mut model = package.step_model_on(args.device)?;
+    let device = match (args.block_pipeline, args.device) {
+        (true, crate::engine::Device::Gpu) => {
+            anyhow::bail!("--block-pipeline runs on the CPU; leave out --device gpu")
+        }
+        (true, _) => crate::engine::Device::Cpu,
+        (false, d) => d,
+    };
+    let mut model = package.step_model_on(device)?;
     let source = open_source(&source_spec, &args, package.manifest.preprocess.image_size)?;
     let cfg = run_config(&args, &package, &source_spec, source.fps())?;
     if let Some(p) = &args.plot {
@@ -226,6 +238,7 @@ fn run_config(
         cfg.windowing.hop = h;
     }
     cfg.chain_threads = args.chain_threads;
+    cfg.block_pipeline = args.block_pipeline;
     cfg.windowing.continuous = args.continuous;
     cfg.windowing.partial_every = args.partial_every;
     cfg.smoothing = args.smooth.parse::<Smoothing>()?;
