@@ -254,7 +254,7 @@ fn load_stage(m: &pb::ModelProto, states_from: usize, context: &str) -> Result<S
         .map(|k| {
             let dims = dims_of(&model.input_fact(k).map_err(err)?.clone())
                 .ok_or_else(|| Error::engine(context, "a state has no fixed shape"))?;
-            Ok(Tensor::zero::<f32>(&dims).map_err(err)?)
+            Tensor::zero::<f32>(&dims).map_err(err)
         })
         .collect::<Result<_>>()?;
     let plan = model

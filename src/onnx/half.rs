@@ -150,8 +150,7 @@ pub fn widened_f16(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxError> {
 mod tests {
     use super::*;
     use pe_clip_calibrate::graph::{ElemType, Graph, LinearOpts};
-    use prost::Message;
-    use tract_onnx::prelude::{f16, tvec, Framework, InferenceModelExt, IntoRunnable, Tensor};
+    use tract_onnx::prelude::f16;
 
     /// x [2, 4] → q, k (both reading x) → q + k → out: three linear layers, two sharing an input.
     fn model(w: impl Fn(usize) -> f32) -> pb::ModelProto {

@@ -173,7 +173,8 @@ impl Streamer {
             return Err(Error::usage("submit needs the block pipeline"));
         };
         let g = self.geometry;
-        let reset = self.submitted == 0 || (!g.continuous && self.submitted % g.window as u64 == 0);
+        let reset = self.submitted == 0
+            || (!g.continuous && self.submitted.is_multiple_of(g.window as u64));
         p.submit(frame_bytes, reset)?;
         self.submitted += 1;
         self.in_flight.push_back((frame_index, t_ms));
