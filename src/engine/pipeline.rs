@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 
-use pe_clip_models::package::io::{state_input_block, state_output, FRAME_INPUT};
+use pe_clip_models::package::io::{state_input_block, state_output};
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
@@ -40,29 +40,6 @@ fn onnx_elem(dt: DatumType) -> Option<i32> {
         DatumType::F16 => 10,
         _ => return None,
     })
-}
-
-fn value_info(name: &str, elem: i32, dims: &[usize]) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    pb::ValueInfoProto {
-        name: name.to_string(),
-        r#type: Some(pb::TypeProto {
-            denotation: String::new(),
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: elem,
-                shape: Some(pb::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| Dimension {
-                            denotation: String::new(),
-                            value: Some(Value::DimValue(d as i64)),
-                        })
-                        .collect(),
-                }),
-            })),
-        }),
-        doc_string: String::new(),
-    }
 }
 
 /// Element types and shapes of the tensors `names` of ONNX `bytes`, as tract infers them.
@@ -178,7 +155,7 @@ pub fn split_after_block(bytes: &[u8], cut: usize, context: &str) -> Result<Stag
     let cross_info: Vec<pb::ValueInfoProto> = cross
         .iter()
         .zip(&facts)
-        .map(|(n, (e, d))| value_info(n, *e, d))
+        .map(|(n, (e, d))| crate::onnx::typed_value_info(n, *e, Some(d)))
         .collect();
     let stage =
         |in_first: bool, inputs: Vec<pb::ValueInfoProto>, outputs: Vec<pb::ValueInfoProto>| {
@@ -240,6 +217,8 @@ pub fn split_after_block(bytes: &[u8], cut: usize, context: &str) -> Result<Stag
 struct Stage {
     runner: TypedSimpleState,
     zero_states: Vec<Tensor>,
+    /// The shape of the first input (the frame, for the first stage).
+    input_dims: Vec<usize>,
 }
 
 fn load_stage(m: &pb::ModelProto, states_from: usize, context: &str) -> Result<Stage> {
@@ -250,6 +229,8 @@ fn load_stage(m: &pb::ModelProto, states_from: usize, context: &str) -> Result<S
         .model_for_read(&mut &bytes[..])
         .map_err(err)?;
     let inputs = model.input_outlets().map_err(err)?.len();
+    let input_dims = dims_of(&model.input_fact(0).map_err(err)?.clone())
+        .ok_or_else(|| Error::engine(context, "a stage input has no fixed shape"))?;
     let zero_states = (states_from..inputs)
         .map(|k| {
             let dims = dims_of(&model.input_fact(k).map_err(err)?.clone())
@@ -264,6 +245,7 @@ fn load_stage(m: &pb::ModelProto, states_from: usize, context: &str) -> Result<S
     Ok(Stage {
         runner: plan.spawn().map_err(err)?,
         zero_states,
+        input_dims,
     })
 }
 
@@ -298,23 +280,16 @@ impl BlockPipeline {
         let cut = cut.unwrap_or(blocks / 2);
         let split = split_after_block(&bytes, cut, context)?;
         let cross = split.cross.len();
-        let image_size = split
-            .first
-            .graph
-            .as_ref()
-            .and_then(|g| g.input.iter().find(|i| i.name == FRAME_INPUT))
-            .and_then(|i| match &i.r#type.as_ref()?.value {
-                Some(pb::type_proto::Value::TensorType(t)) => t.shape.as_ref()?.dim.get(1).cloned(),
-                _ => None,
-            })
-            .and_then(|d| match d.value {
-                Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) => {
-                    usize::try_from(v).ok()
-                }
-                _ => None,
-            })
-            .ok_or_else(|| Error::engine(context, "the frame input has no fixed size"))?;
         let mut first = load_stage(&split.first, 1, context)?;
+        let image_size = match first.input_dims.as_slice() {
+            [1, h, w, 3] if h == w => *h,
+            other => {
+                return Err(Error::engine(
+                    context,
+                    format!("frame input must be [1, S, S, 3], found {other:?}"),
+                ))
+            }
+        };
         let mut second = load_stage(&split.second, cross, context)?;
         let (jobs, job_rx) = mpsc::sync_channel::<Job>(1);
         let (hand_tx, hand_rx) = mpsc::sync_channel::<Handoff>(1);

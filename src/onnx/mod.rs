@@ -39,7 +39,16 @@ pub(crate) fn cast_node(input: &str, output: &str, to: i32) -> pb::NodeProto {
 }
 
 fn value_info(io: &Io) -> pb::ValueInfoProto {
-    let shape = io.dims.as_ref().map(|dims| pb::TensorShapeProto {
+    typed_value_info(&io.name, io.elem.onnx_code(), io.dims.as_deref())
+}
+
+/// A graph input or output `name` of ONNX element type `elem`, of fixed `dims` if given.
+pub(crate) fn typed_value_info(
+    name: &str,
+    elem: i32,
+    dims: Option<&[usize]>,
+) -> pb::ValueInfoProto {
+    let shape = dims.map(|dims| pb::TensorShapeProto {
         dim: dims
             .iter()
             .map(|&d| pb::tensor_shape_proto::Dimension {
@@ -49,11 +58,11 @@ fn value_info(io: &Io) -> pb::ValueInfoProto {
             .collect(),
     });
     pb::ValueInfoProto {
-        name: io.name.clone(),
+        name: name.to_string(),
         r#type: Some(pb::TypeProto {
             denotation: String::new(),
             value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: io.elem.onnx_code(),
+                elem_type: elem,
                 shape,
             })),
         }),

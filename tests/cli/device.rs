@@ -84,30 +84,40 @@ fn device_gpu_is_refused_without_the_feature_and_auto_runs_on_the_cpu() {
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
 }
 
+/// `pe-clip run --source synth --events OUT` with `args`; each event as JSON.
+fn synth_events(out: &std::path::Path, args: &[&str]) -> Vec<serde_json::Value> {
+    let o = bin()
+        .args(["run", "--source", "synth", "--events", s(out)])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::read_to_string(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Exact windows with four chains stepped on three threads give the very events of one thread.
 #[test]
 fn chains_on_several_threads_give_the_same_events() {
     let dir = tempfile::tempdir().unwrap();
     let events = |threads: &str| {
         let out = dir.path().join(format!("{threads}.jsonl"));
-        let o = bin()
-            .args(["run", "--source", "synth", "--frames", "160", "--hop", "4"])
-            .args(["--chain-threads", threads, "--events", s(&out)])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        std::fs::read_to_string(&out)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                (
-                    v["frame"].clone(),
-                    v["logits"].clone(),
-                    v["partial"].clone(),
-                )
-            })
-            .collect::<Vec<_>>()
+        synth_events(
+            &out,
+            &["--frames", "160", "--hop", "4", "--chain-threads", threads],
+        )
+        .into_iter()
+        .map(|v| {
+            (
+                v["frame"].clone(),
+                v["logits"].clone(),
+                v["partial"].clone(),
+            )
+        })
+        .collect::<Vec<_>>()
     };
     let one = events("1");
     assert!(one.len() > 10, "{}", one.len());
@@ -122,25 +132,9 @@ fn the_block_pipeline_gives_the_same_events() {
     let dir = tempfile::tempdir().unwrap();
     let events = |extra: &[&str], name: &str| {
         let out = dir.path().join(format!("{name}.jsonl"));
-        let o = bin()
-            .args([
-                "run",
-                "--source",
-                "synth",
-                "--frames",
-                "120",
-                "--events",
-                s(&out),
-            ])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        std::fs::read_to_string(&out)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        synth_events(&out, &[&["--frames", "120"][..], extra].concat())
+            .into_iter()
+            .map(|v| {
                 let logits: Vec<f64> = v["logits"]
                     .as_array()
                     .unwrap()
