@@ -95,7 +95,7 @@ fn add(classes: &mut Vec<OpClass>, class: String, macs: u64) {
 /// Operator classes of ONNX `bytes` as written (`context` names them in errors).
 fn op_classes(bytes: &[u8], context: &str) -> Result<Vec<OpClass>> {
     let err = |e: TractError| Error::engine(context, e);
-    let model = tract_onnx::onnx()
+    let model = super::onnx_reader()
         .model_for_read(&mut &bytes[..])
         .map_err(err)?
         .into_typed()
@@ -136,7 +136,38 @@ fn op_classes(bytes: &[u8], context: &str) -> Result<Vec<OpClass>> {
 /// The matrix kernels of an optimised plan.
 fn kernels(model: &TypedModel) -> Vec<KernelUse> {
     let mut uses: Vec<KernelUse> = Vec::new();
+    let mut count = |kernel: String, packing: String, macs: u64| match uses
+        .iter_mut()
+        .find(|u| u.kernel == kernel && u.packing == packing)
+    {
+        Some(u) => {
+            u.nodes += 1;
+            u.macs += macs;
+        }
+        None => uses.push(KernelUse {
+            kernel,
+            packing,
+            nodes: 1,
+            macs,
+        }),
+    };
     for node in &model.nodes {
+        if let Some(op) = node.op_as::<super::linear_i8::Int8Linear>() {
+            let (k, n) = op.dims();
+            let rows = node
+                .inputs
+                .first()
+                .and_then(|&i| volume(&model.outlet_fact(i).ok()?.shape))
+                .unwrap_or(0)
+                / k as u64;
+            let packing = "i8 rows as i16 pairs•i16 pair panels of 16".to_string();
+            count(
+                op.kernel().name().to_string(),
+                packing,
+                rows * (k * n) as u64,
+            );
+            continue;
+        }
         let Some(op) = node.op_as::<OptMatMul>() else {
             continue;
         };
@@ -167,22 +198,7 @@ fn kernels(model: &TypedModel) -> Vec<KernelUse> {
                     _ => None,
                 })
                 .unwrap_or_default();
-            let kernel = mmm.name().to_string();
-            match uses
-                .iter_mut()
-                .find(|u| u.kernel == kernel && u.packing == packing)
-            {
-                Some(u) => {
-                    u.nodes += 1;
-                    u.macs += macs;
-                }
-                None => uses.push(KernelUse {
-                    kernel,
-                    packing,
-                    nodes: 1,
-                    macs,
-                }),
-            }
+            count(mmm.name().to_string(), packing, macs);
         }
     }
     uses.sort_by_key(|u| std::cmp::Reverse(u.macs));
@@ -249,7 +265,7 @@ mod tests {
                 (mm[0].class.as_str(), mm[0].nodes, mm[0].macs),
                 (class, 2, macs)
             );
-            let plan = tract_onnx::onnx()
+            let plan = super::super::onnx_reader()
                 .model_for_read(&mut &bytes[..])
                 .unwrap()
                 .into_optimized()

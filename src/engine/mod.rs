@@ -13,6 +13,7 @@ use crate::package::Package;
 
 mod cost;
 mod gpu;
+pub(crate) mod linear_i8;
 mod pipeline;
 pub use cost::{tract_isa, KernelUse, OpClass, StepCost};
 pub use pipeline::{blocks_of, split_after_block, BlockPipeline, StageSplit};
@@ -76,6 +77,14 @@ pub fn set_threads(n: usize) {
     } else {
         set_default_executor(Executor::multithread(n));
     }
+}
+
+/// tract's ONNX reader with pe-clip's own operator ([`linear_i8`]) registered: every step
+/// model, stage or piece of one is read through it.
+pub(crate) fn onnx_reader() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    linear_i8::register(&mut onnx);
+    onnx
 }
 
 fn dims_of(fact: &InferenceFact) -> Option<Vec<usize>> {
@@ -193,6 +202,9 @@ pub enum Int8Form {
     Native,
     /// A `MatMul` of the int8 values widened to i32 or f32 ([`crate::onnx::widened_int8_matmuls`]).
     Widened(Widening),
+    /// Each int8 layer as one pe-clip operator ([`linear_i8`], [`crate::onnx::fused_int8_linears`]):
+    /// the same values, on an AVX2 i16 kernel.
+    Fused,
     /// Weight-only int8: the dequantized weights in f32 products of unquantized activations
     /// ([`crate::onnx::dequantized`]); only by `PE_CLIP_INT8_MATMUL=dequantized`, as its answers
     /// are not the int8 model's (they lack its activation rounding).
@@ -200,16 +212,21 @@ pub enum Int8Form {
 }
 
 impl Int8Form {
-    /// `PE_CLIP_INT8_MATMUL=native|i32|f32` if set, else f32-widened on x86-64 CPUs without
-    /// AVX-512 VNNI or AVX-VNNI (as tract sees them, `TRACT_CPU_ISA` included), native elsewhere (docs/device.md has the measurements).
+    /// `PE_CLIP_INT8_MATMUL=native|fused|i32|f32|dequantized` if set, else on x86-64 CPUs
+    /// without AVX-512 VNNI or AVX-VNNI (as tract sees them, `TRACT_CPU_ISA` included) fused
+    /// where AVX2 is (f32-widened where not), native elsewhere (docs/device.md has the
+    /// measurements).
     pub fn for_this_cpu() -> Self {
         match std::env::var("PE_CLIP_INT8_MATMUL").as_deref() {
             Ok("native") => return Int8Form::Native,
+            Ok("fused") => return Int8Form::Fused,
             Ok("i32") => return Int8Form::Widened(Widening::I32),
             Ok("f32") => return Int8Form::Widened(Widening::F32),
             Ok("dequantized") => return Int8Form::Dequantized,
             Ok(other) => {
-                log::warn!("PE_CLIP_INT8_MATMUL={other} ignored (native, i32, f32, dequantized)")
+                log::warn!(
+                    "PE_CLIP_INT8_MATMUL={other} ignored (native, fused, i32, f32, dequantized)"
+                )
             }
             Err(_) => {}
         }
@@ -221,7 +238,10 @@ impl Int8Form {
             let isa = native();
             let vnni = isa.has(Isa::X86_64Avx512Vnni) || isa.has(Isa::X86_64AvxVnni);
             if !vnni {
-                return Int8Form::Widened(Widening::F32);
+                return match linear_i8::Kernel::best() {
+                    linear_i8::Kernel::Avx2 => Int8Form::Fused,
+                    linear_i8::Kernel::Portable => Int8Form::Widened(Widening::F32),
+                };
             }
         }
         Int8Form::Native
@@ -239,6 +259,7 @@ fn in_int8_form<'a>(bytes: &'a [u8], form: Int8Form, context: &str) -> std::borr
     let widened = crate::onnx::decode(bytes, context).and_then(|m| {
         match form {
             Int8Form::Widened(to) => crate::onnx::widened_int8_matmuls(&m, to),
+            Int8Form::Fused => crate::onnx::fused_int8_linears(&m),
             _ => crate::onnx::dequantized(&m),
         }
         .map_err(|e| Error::engine(context, e))
@@ -306,9 +327,7 @@ impl StepModel {
             Device::Gpu => bytes,
             _ => in_f16_form_for_this_cpu(bytes, context)?,
         };
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
-            .map_err(err)?;
+        let model = onnx_reader().model_for_read(&mut &bytes[..]).map_err(err)?;
         let input_names: Vec<String> = model
             .input_outlets()
             .map_err(err)?

@@ -45,7 +45,7 @@ fn onnx_elem(dt: DatumType) -> Option<i32> {
 /// Element types and shapes of the tensors `names` of ONNX `bytes`, as tract infers them.
 fn tensor_facts(bytes: &[u8], names: &[String], context: &str) -> Result<Vec<(i32, Vec<usize>)>> {
     let err = |e: TractError| Error::engine(context, e);
-    let model = tract_onnx::onnx()
+    let model = super::onnx_reader()
         .model_for_read(&mut &bytes[..])
         .map_err(err)?
         .with_outputs_by_name(names)
@@ -225,7 +225,7 @@ fn load_stage(m: &pb::ModelProto, states_from: usize, context: &str) -> Result<S
     use prost::Message;
     let err = |e: TractError| Error::engine(context, e);
     let bytes = m.encode_to_vec();
-    let model = tract_onnx::onnx()
+    let model = super::onnx_reader()
         .model_for_read(&mut &bytes[..])
         .map_err(err)?;
     let inputs = model.input_outlets().map_err(err)?.len();

@@ -12,7 +12,8 @@ mod sites;
 pub use half::{f16_linears, widened_f16};
 
 pub use sites::{
-    dequantized, quant_sites, set_site_scales, widened_int8_matmuls, QuantSite, Widening,
+    dequantized, fused_int8_linears, quant_sites, set_site_scales, widened_int8_matmuls, QuantSite,
+    Widening,
 };
 
 /// The operator set the step models use (`LayerNormalization` needs 17).
@@ -176,7 +177,7 @@ pub fn add_outputs(m: &mut pb::ModelProto, names: &[String]) {
 pub(crate) fn run_once(m: &pb::ModelProto, shape: &[usize], x: &[f32]) -> Vec<f32> {
     use tract_onnx::prelude::{tvec, Framework, InferenceModelExt, IntoRunnable, Tensor};
     let bytes = m.encode_to_vec();
-    let plan = tract_onnx::onnx()
+    let plan = crate::engine::onnx_reader()
         .model_for_read(&mut &bytes[..])
         .unwrap()
         .into_optimized()

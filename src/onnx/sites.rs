@@ -246,29 +246,7 @@ pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxError> {
     for site in &sites {
         let n = &site.name;
         let names = SiteNames::new(n.clone());
-        let xq = names.x_q();
-        let pos = g
-            .node
-            .iter()
-            .position(|k| k.op_type == "QuantizeLinear" && k.output.first() == Some(&xq))
-            .ok_or_else(|| site_error(n, format!("no QuantizeLinear writing {xq}")))?;
-        // The chain QuantizeLinear → MatMulInteger → [Add] → Cast → Mul, each reading the last.
-        let mut chain = vec![pos];
-        let mut last = xq.clone();
-        for op in ["MatMulInteger", "Add", "Cast", "Mul"] {
-            match g
-                .node
-                .iter()
-                .position(|k| k.op_type == op && k.input.first() == Some(&last))
-            {
-                Some(i) => {
-                    last = g.node[i].output.first().cloned().unwrap_or_default();
-                    chain.push(i);
-                }
-                None if op == "Add" => {}
-                None => return Err(site_error(n, format!("no {op} after {last}"))),
-            }
-        }
+        let (chain, last) = site_chain(g, site)?;
         let wq = i8s(initializer(g, &names.weight_q()).ok_or_else(|| site_error(n, "no weight"))?)?;
         let sw = site.scales.weight_scales();
         let per_col = sw.len() > 1;
@@ -284,15 +262,101 @@ pub fn dequantized(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxError> {
             &w,
         ));
         let nodes = f32_nodes(g, site, wname, &last);
-        chain.sort_unstable();
-        for &i in chain.iter().rev() {
-            g.node.remove(i);
-        }
-        let at = chain[0];
-        for (k, node) in nodes.into_iter().enumerate() {
-            g.node.insert(at + k, node);
+        replace_chain(g, chain, nodes);
+    }
+    drop_unread_initializers(g);
+    Ok(out)
+}
+
+/// The node indices of a site's chain `QuantizeLinear → MatMulInteger → [Add] → Cast → Mul`,
+/// each reading the last, and the name of the chain's output.
+fn site_chain(g: &pb::GraphProto, site: &QuantSite) -> Result<(Vec<usize>, String), OnnxError> {
+    let n = &site.name;
+    let xq = SiteNames::new(n.clone()).x_q();
+    let pos = g
+        .node
+        .iter()
+        .position(|k| k.op_type == "QuantizeLinear" && k.output.first() == Some(&xq))
+        .ok_or_else(|| site_error(n, format!("no QuantizeLinear writing {xq}")))?;
+    let mut chain = vec![pos];
+    let mut last = xq;
+    for op in ["MatMulInteger", "Add", "Cast", "Mul"] {
+        match g
+            .node
+            .iter()
+            .position(|k| k.op_type == op && k.input.first() == Some(&last))
+        {
+            Some(i) => {
+                last = g.node[i].output.first().cloned().unwrap_or_default();
+                chain.push(i);
+            }
+            None if op == "Add" => {}
+            None => return Err(site_error(n, format!("no {op} after {last}"))),
         }
     }
+    // What replaces the chain assumes the zero points pe-clip writes: 0.
+    for &i in &chain[..2] {
+        for zp in g.node[i].input.iter().skip(2).filter(|z| !z.is_empty()) {
+            let t = initializer(g, zp)
+                .ok_or_else(|| site_error(n, format!("zero point {zp} is not a constant")))?;
+            if i8s(t)?.iter().any(|&v| v != 0) {
+                return Err(site_error(n, format!("zero point {zp} is not 0")));
+            }
+        }
+    }
+    Ok((chain, last))
+}
+
+/// `nodes` in place of the chain's nodes, where its first one was.
+fn replace_chain(g: &mut pb::GraphProto, mut chain: Vec<usize>, nodes: Vec<pb::NodeProto>) {
+    chain.sort_unstable();
+    for &i in chain.iter().rev() {
+        g.node.remove(i);
+    }
+    let at = chain[0];
+    for (k, node) in nodes.into_iter().enumerate() {
+        g.node.insert(at + k, node);
+    }
+}
+
+/// The model with every int8 layer's chain as one `PeClipInt8Linear` node
+/// (`crate::engine::linear_i8`, which computes the same values): inputs the layer's input and
+/// its `x_scale`, `weight_q`, `rescale` and (if any) `bias_q` constants. Only pe-clip's loader
+/// reads that operator. Untouched when the model has no int8 layer.
+pub fn fused_int8_linears(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxError> {
+    use crate::engine::linear_i8::{DOMAIN, OP_TYPE};
+    let sites = quant_sites(m)?;
+    let mut out = m.clone();
+    let g = out.graph.as_mut().expect("quant_sites checked the graph");
+    for site in &sites {
+        let names = SiteNames::new(site.name.clone());
+        let (chain, last) = site_chain(g, site)?;
+        let mut input = vec![
+            site.input.clone(),
+            names.x_scale(),
+            names.weight_q(),
+            names.rescale(),
+        ];
+        if site.scales.bias_q.is_some() {
+            input.push(names.bias_q());
+        }
+        let node = pb::NodeProto {
+            input,
+            output: vec![last.clone()],
+            name: format!("{}.fused/node", site.name),
+            op_type: OP_TYPE.into(),
+            domain: DOMAIN.into(),
+            ..Default::default()
+        };
+        replace_chain(g, chain, vec![node]);
+    }
+    if !sites.is_empty() && !out.opset_import.iter().any(|o| o.domain == DOMAIN) {
+        out.opset_import.push(pb::OperatorSetIdProto {
+            domain: DOMAIN.into(),
+            version: 1,
+        });
+    }
+    let g = out.graph.as_mut().expect("quant_sites checked the graph");
     drop_unread_initializers(g);
     Ok(out)
 }
@@ -678,5 +742,82 @@ mod tests {
         g.output(&y, "y", ElemType::F32, Some(&[1, 1]));
         let f = to_model_proto(&g, &[]);
         assert_eq!(widened_int8_matmuls(&f, Widening::F32).unwrap(), f);
+    }
+
+    /// Two random layers (one with a bias) at sizes off the fused kernel's 6 x 16 tile, inputs
+    /// partly beyond the calibrated range: the fused operator gives the int8 chain's outputs
+    /// bit for bit, per tensor and per column; a nonzero zero point is refused by name.
+    #[test]
+    fn fused_int8_linears_give_identical_outputs() {
+        let (rows, inner, mid, out) = (13, 40, 37, 19);
+        let mut seed = 5u32;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        };
+        let w1: Vec<f32> = (0..mid * inner).map(|_| rand()).collect();
+        let w2: Vec<f32> = (0..out * mid).map(|_| rand()).collect();
+        let bias: Vec<f32> = (0..mid).map(|_| rand()).collect();
+        let x: Vec<f32> = (0..rows * inner).map(|_| 1.5 * rand()).collect();
+        let mut g = Graph::new("fused");
+        let xi = g.input("x", ElemType::F32, &[rows, inner]);
+        let a = g.linear(
+            &xi,
+            "a",
+            &w1,
+            mid,
+            inner,
+            LinearOpts {
+                bias: Some(&bias),
+                quantizable: true,
+            },
+        );
+        let y = g.linear(
+            &a,
+            "b",
+            &w2,
+            out,
+            mid,
+            LinearOpts {
+                bias: None,
+                quantizable: true,
+            },
+        );
+        g.output(&y, "y", ElemType::F32, Some(&[rows, out]));
+        let ranges = HashMap::from([
+            ("a".to_string(), LinearRanges { input: 1.0 }),
+            ("b".to_string(), LinearRanges { input: 2.0 }),
+        ]);
+        for per_channel in [false, true] {
+            let m = to_model_proto(&quantize(&g, &ranges, per_channel).0, &[]);
+            let run = |m: &pb::ModelProto| super::super::run_once(m, &[rows, inner], &x);
+            let fused = fused_int8_linears(&m).unwrap();
+            let g2 = fused.graph.as_ref().unwrap();
+            let fused_nodes = g2
+                .node
+                .iter()
+                .filter(|n| n.op_type == crate::engine::linear_i8::OP_TYPE)
+                .count();
+            assert_eq!(fused_nodes, 2);
+            assert!(!g2.node.iter().any(|n| n.op_type == "MatMulInteger"));
+            let native = run(&m);
+            assert_eq!(native, run(&fused), "per_channel {per_channel}");
+            assert_eq!(
+                native,
+                run(&widened_int8_matmuls(&m, Widening::I32).unwrap())
+            );
+        }
+        let mut m = to_model_proto(&quantize(&g, &ranges, false).0, &[]);
+        let gm = m.graph.as_mut().unwrap();
+        let zp = gm
+            .node
+            .iter()
+            .find(|n| n.op_type == "QuantizeLinear")
+            .and_then(|n| n.input.get(2).cloned())
+            .unwrap();
+        let t = gm.initializer.iter_mut().find(|t| t.name == zp).unwrap();
+        t.raw_data = vec![3];
+        let e = fused_int8_linears(&m).unwrap_err().to_string();
+        assert!(e.contains("zero point") && e.contains("not 0"), "{e}");
     }
 }

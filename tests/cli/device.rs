@@ -32,7 +32,7 @@ fn run_without_a_source_is_the_deterministic_demo() {
 /// this CPU's plan carry every one of those multiply-accumulates, in each int8 form.
 #[test]
 fn info_cost_counts_the_demo_step_and_its_kernels() {
-    for form in ["native", "f32"] {
+    for form in ["native", "f32", "fused"] {
         let o = bin()
             .args(["info", "--package", "demo", "--cost", "--json"])
             .env("PE_CLIP_INT8_MATMUL", form)
@@ -86,9 +86,19 @@ fn device_gpu_is_refused_without_the_feature_and_auto_runs_on_the_cpu() {
 
 /// `pe-clip run --source synth --events OUT` with `args`; each event as JSON.
 fn synth_events(out: &std::path::Path, args: &[&str]) -> Vec<serde_json::Value> {
+    synth_events_with(out, args, &[])
+}
+
+/// [`synth_events`] with environment variables set.
+fn synth_events_with(
+    out: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Vec<serde_json::Value> {
     let o = bin()
         .args(["run", "--source", "synth", "--events", s(out)])
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -97,6 +107,29 @@ fn synth_events(out: &std::path::Path, args: &[&str]) -> Vec<serde_json::Value> 
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// The demo's int8 layers as pe-clip's fused operator (`PE_CLIP_INT8_MATMUL=fused`, the default
+/// on x86 without VNNI) give the very logits of tract's own int8 operators, on one thread and
+/// on two (the operator splits its rows over tract's threads).
+#[test]
+fn the_fused_int8_layers_give_the_native_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = |form: &str, threads: &str| {
+        let out = dir.path().join(format!("{form}{threads}.jsonl"));
+        synth_events_with(
+            &out,
+            &["--frames", "200", "--threads", threads, "--smooth", "none"],
+            &[("PE_CLIP_INT8_MATMUL", form)],
+        )
+        .into_iter()
+        .map(|v| (v["frame"].clone(), v["logits"].clone()))
+        .collect::<Vec<_>>()
+    };
+    let native = events("native", "1");
+    assert!(native.len() > 5, "{}", native.len());
+    assert_eq!(native, events("fused", "1"));
+    assert_eq!(native, events("fused", "2"));
 }
 
 /// Exact windows with four chains stepped on three threads give the very events of one thread.

@@ -1,0 +1,629 @@
+//! One int8 linear layer as one tract operator, for x86-64 CPUs without VNNI: pe-clip's
+//! `QuantizeLinear → MatMulInteger → [Add bias] → Cast → Mul(rescale)` chain
+//! ([`crate::onnx::fused_int8_linears`] writes it as one `PeClipInt8Linear` node) computed as
+//!
+//! `y[i, j] = f32(Σ_k q(x[i, k]) · W_q[k, j] + bias_q[j]) · rescale[j]`,
+//! `q(x) = clamp(round_half_even(x · (1 / x_scale)), -128, 127)`,
+//!
+//! the same arithmetic tract's own operators do for that chain (the quantize multiplies by the
+//! reciprocal scale, as tract's `QuantizeLinear` does), so the outputs are bit-identical to the
+//! native and the i32-widened forms (test `fused_int8_linears_give_identical_outputs`).
+//!
+//! Why: tract 0.23.9's x86 i8 kernel without VNNI runs at about 0.5 G MAC/s, and its f32
+//! kernels give int8 no gain over f32. Here the int8 values are widened to i16 and multiplied
+//! with AVX2's `vpmaddwd` (16 products and 8 pair sums per instruction into i32, exact: |q| <=
+//! 128, so no pair sum saturates and no i32 sum of up to 2^17 terms overflows), on a 6 x 16
+//! register tile: one instruction does the work of two f32 FMAs. The weights are packed once, at
+//! load, as i16 (half the bytes of the f32-widened form).
+
+use std::sync::Arc;
+
+use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_hir::internal::*;
+
+/// The ONNX op type of a fused layer (domain [`DOMAIN`]): inputs `x` (f32, `[.., in]`),
+/// `x_scale` (f32 scalar), `weight_q` (int8 `[in, out]`), `rescale` (f32, 1 or `out` values),
+/// optionally `bias_q` (int32 `[out]`); one f32 output `[.., out]`.
+pub const OP_TYPE: &str = "PeClipInt8Linear";
+/// The ONNX domain of [`OP_TYPE`]: only pe-clip's own loader reads it.
+pub const DOMAIN: &str = "ai.pe-clip";
+
+/// Columns of one packed weight panel (two AVX2 registers of eight i32 sums).
+const NR: usize = 16;
+/// Rows of one register tile.
+const MR: usize = 6;
+
+/// `onnx` with the fused layer registered.
+pub fn register(onnx: &mut tract_onnx::Onnx) {
+    onnx.op_register.insert(OP_TYPE, parse);
+}
+
+fn parse(
+    _ctx: &tract_onnx::model::ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    ensure!(
+        node.input.len() == 4 || node.input.len() == 5,
+        "{OP_TYPE} {}: {} inputs, expected x, x_scale, weight_q, rescale [, bias_q]",
+        node.name,
+        node.input.len()
+    );
+    Ok((expand(FusedExpansion), vec![]))
+}
+
+#[derive(Debug, Clone, Hash)]
+struct FusedExpansion;
+
+impl Expansion for FusedExpansion {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> TractResult<()> {
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[2].rank, 2)?;
+        s.equals(&outputs[0].rank, &inputs[0].rank)?;
+        s.given(&inputs[0].rank, move |s, rank| {
+            let rank = rank as usize;
+            ensure!(rank >= 1, "{OP_TYPE}: a scalar input");
+            for d in 0..rank - 1 {
+                s.equals(&outputs[0].shape[d], &inputs[0].shape[d])?;
+            }
+            s.equals(&inputs[0].shape[rank - 1], &inputs[2].shape[0])?;
+            s.equals(&outputs[0].shape[rank - 1], &inputs[2].shape[1])
+        })
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let konst = |i: usize, what: &str| -> TractResult<Arc<Tensor>> {
+            model
+                .outlet_fact(inputs[i])?
+                .konst
+                .clone()
+                .with_context(|| format!("{prefix}: {what} must be a constant"))
+        };
+        let x_scale = konst(1, "x_scale")?;
+        let weight = konst(2, "weight_q")?;
+        let rescale = konst(3, "rescale")?;
+        let bias = inputs.get(4).map(|_| konst(4, "bias_q")).transpose()?;
+        let (k, n) = match weight.shape() {
+            &[k, n] if k > 0 && n > 0 => (k, n),
+            s => bail!("{prefix}: weight_q shape {s:?} is not [in, out]"),
+        };
+        let x_scale = x_scale.cast_to::<f32>()?;
+        let x_scale = x_scale.try_as_plain_ram()?.as_slice::<f32>()?;
+        ensure!(
+            x_scale.len() == 1,
+            "{prefix}: x_scale has {} values",
+            x_scale.len()
+        );
+        let weight = weight.cast_to::<i8>()?;
+        let rescale = rescale.cast_to::<f32>()?;
+        let rescale = rescale.try_as_plain_ram()?.as_slice::<f32>()?;
+        ensure!(
+            rescale.len() == 1 || rescale.len() == n,
+            "{prefix}: rescale has {} values for {n} columns",
+            rescale.len()
+        );
+        let bias = match bias {
+            Some(b) => {
+                let b = b.cast_to::<i32>()?;
+                let b = b.try_as_plain_ram()?.as_slice::<i32>()?.to_vec();
+                ensure!(
+                    b.len() == n,
+                    "{prefix}: bias_q has {} values for {n} columns",
+                    b.len()
+                );
+                b
+            }
+            None => vec![0; n],
+        };
+        let op = Int8Linear::new(
+            x_scale[0],
+            weight.try_as_plain_ram()?.as_slice::<i8>()?,
+            k,
+            n,
+            bias,
+            if rescale.len() == 1 {
+                vec![rescale[0]; n]
+            } else {
+                rescale.to_vec()
+            },
+            Kernel::best(),
+        );
+        model.wire_node(prefix, op, &inputs[..1])
+    }
+}
+
+/// Which matrix kernel a fused layer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `vpmaddwd` on a 6 x 16 tile (x86-64 with AVX2).
+    Avx2,
+    /// Plain Rust loops: any CPU, and the reference the AVX2 kernel is tested against.
+    Portable,
+}
+
+impl Kernel {
+    /// AVX2 where this CPU has it (and tract's probed set, `TRACT_CPU_ISA` included, has it),
+    /// else portable.
+    pub fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use tract_onnx::tract_core::tract_linalg::isa::{native, Isa};
+            if std::arch::is_x86_feature_detected!("avx2") && native().has(Isa::X86_64Avx2) {
+                return Kernel::Avx2;
+            }
+        }
+        Kernel::Portable
+    }
+
+    /// The name `pe-clip info --cost` lists the kernel under.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx2 => "pe-clip avx2_i16_madd_6x16",
+            Kernel::Portable => "pe-clip portable_i16_6x16",
+        }
+    }
+}
+
+/// The weights as i16 panels of [`NR`] columns: panel `p`, pair `kk`, column `c`, half `h` at
+/// `((p · kp + kk) · NR + c) · 2 + h` holds `W_q[2·kk + h, p·NR + c]`, zero past the edges.
+struct Packed {
+    data: Vec<i16>,
+    /// Pairs of inner rows: `ceil(k / 2)`.
+    kp: usize,
+}
+
+impl Packed {
+    fn new(w: &[i8], k: usize, n: usize) -> Self {
+        let kp = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0i16; panels * kp * NR * 2];
+        for (row, w_row) in w.chunks_exact(n).enumerate() {
+            let (kk, h) = (row / 2, row % 2);
+            for (col, &v) in w_row.iter().enumerate() {
+                let (p, c) = (col / NR, col % NR);
+                data[((p * kp + kk) * NR + c) * 2 + h] = i16::from(v);
+            }
+        }
+        Self { data, kp }
+    }
+
+    fn panel(&self, p: usize) -> &[i16] {
+        let len = self.kp * NR * 2;
+        &self.data[p * len..(p + 1) * len]
+    }
+}
+
+/// The fused int8 layer (module docs): weights packed at load, one evaluation per step.
+#[derive(Clone)]
+pub struct Int8Linear {
+    k: usize,
+    n: usize,
+    inv_scale: f32,
+    packed: Arc<Packed>,
+    bias: Arc<[i32]>,
+    rescale: Arc<[f32]>,
+    kernel: Kernel,
+}
+
+impl std::fmt::Debug for Int8Linear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{OP_TYPE}({} x {}, {:?})", self.k, self.n, self.kernel)
+    }
+}
+
+impl PartialEq for Int8Linear {
+    /// Two layers are one when they share their packed weights (tract compares operators to
+    /// merge duplicates; comparing megabytes of weights would buy nothing).
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.packed, &other.packed)
+            && self.inv_scale.to_bits() == other.inv_scale.to_bits()
+            && Arc::ptr_eq(&self.bias, &other.bias)
+            && Arc::ptr_eq(&self.rescale, &other.rescale)
+            && self.kernel == other.kernel
+    }
+}
+impl Eq for Int8Linear {}
+
+impl Int8Linear {
+    /// `w` is `W_q`, row-major `[k, n]`; `bias` and `rescale` have `n` values.
+    pub fn new(
+        x_scale: f32,
+        w: &[i8],
+        k: usize,
+        n: usize,
+        bias: Vec<i32>,
+        rescale: Vec<f32>,
+        kernel: Kernel,
+    ) -> Self {
+        assert!(w.len() == k * n && bias.len() == n && rescale.len() == n);
+        Self {
+            k,
+            n,
+            inv_scale: x_scale.recip(),
+            packed: Arc::new(Packed::new(w, k, n)),
+            bias: bias.into(),
+            rescale: rescale.into(),
+            kernel,
+        }
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// Inner and output width.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// `y` (`m` rows of `n`) from `x` (`m` rows of `k`).
+    pub fn apply(&self, x: &[f32], y: &mut [f32]) {
+        let m = x.len() / self.k;
+        debug_assert!(x.len() == m * self.k && y.len() == m * self.n);
+        let lda = self.packed.kp * 2;
+        let mut a = vec![0i16; m * lda];
+        for (a_row, x_row) in a.chunks_exact_mut(lda).zip(x.chunks_exact(self.k)) {
+            quantize_row(x_row, self.inv_scale, &mut a_row[..self.k], self.kernel);
+        }
+        let rows_per_task = |threads: usize| (m.div_ceil(threads)).div_ceil(MR) * MR;
+        let run = |row0: usize, y: &mut [f32]| self.rows(&a[row0 * lda..], y);
+        use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
+        match current_tract_executor() {
+            Executor::MultiThread(pool) if pool.current_num_threads() > 1 && m > MR => {
+                use rayon::prelude::*;
+                let chunk = rows_per_task(pool.current_num_threads());
+                pool.install(|| {
+                    y.par_chunks_mut(chunk * self.n)
+                        .enumerate()
+                        .for_each(|(i, y)| run(i * chunk, y))
+                });
+            }
+            _ => run(0, y),
+        }
+    }
+
+    /// The rows of `y` from the quantized rows `a` (row stride `2 · kp`), panel by panel so a
+    /// panel's weights stay in cache while every row block passes.
+    fn rows(&self, a: &[i16], y: &mut [f32]) {
+        let (n, kp) = (self.n, self.packed.kp);
+        let m = y.len() / n;
+        let mut acc = [[0i32; NR]; MR];
+        for p in 0..n.div_ceil(NR) {
+            let panel = self.packed.panel(p);
+            let (c0, cols) = (p * NR, (n - p * NR).min(NR));
+            for r0 in (0..m).step_by(MR) {
+                let rows = (m - r0).min(MR);
+                let a = &a[r0 * kp * 2..];
+                tile(self.kernel, a, kp, panel, rows, &mut acc);
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    let out = &mut y[(r0 + r) * n + c0..][..cols];
+                    for (c, o) in out.iter_mut().enumerate() {
+                        let j = c0 + c;
+                        *o = acc[c].wrapping_add(self.bias[j]) as f32 * self.rescale[j];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `q(x)` of one row into i16.
+fn quantize_row(x: &[f32], inv_scale: f32, out: &mut [i16], kernel: Kernel) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 {
+        return avx2::quantize_row(x, inv_scale, out);
+    }
+    let _ = kernel;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = quantize(v, inv_scale);
+    }
+}
+
+/// tract's `QuantizeLinear` to int8 with a zero zero point: NaN gives 0.
+fn quantize(x: f32, inv_scale: f32) -> i16 {
+    ((x * inv_scale).round_ties_even() as i32).clamp(-128, 127) as i16
+}
+
+/// `acc[r][c] = Σ_kk a[r][2kk..2kk+2] · panel[kk][c]` for the first `rows` rows.
+fn tile(
+    kernel: Kernel,
+    a: &[i16],
+    kp: usize,
+    panel: &[i16],
+    rows: usize,
+    acc: &mut [[i32; NR]; MR],
+) {
+    assert!((1..=MR).contains(&rows) && a.len() >= rows * kp * 2);
+    assert_eq!(panel.len(), kp * NR * 2);
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 {
+        return avx2::tile(a, kp, panel, rows, acc);
+    }
+    let _ = kernel;
+    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+        let a = &a[r * kp * 2..][..kp * 2];
+        *acc = [0; NR];
+        for (pair, b) in a.chunks_exact(2).zip(panel.chunks_exact(NR * 2)) {
+            for (c, s) in acc.iter_mut().enumerate() {
+                *s += i32::from(pair[0]) * i32::from(b[2 * c])
+                    + i32::from(pair[1]) * i32::from(b[2 * c + 1]);
+            }
+        }
+    }
+}
+
+/// The AVX2 kernels: the only unsafe code of this crate (SIMD loads and stores through raw
+/// pointers, and calls of `#[target_feature]` functions), behind safe entry points that check
+/// the CPU and every bound.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    fn has_avx2() -> bool {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+
+    /// [`super::tile`] on AVX2. Panics where the CPU lacks AVX2 or a bound does not hold.
+    pub fn tile(a: &[i16], kp: usize, panel: &[i16], rows: usize, acc: &mut [[i32; NR]; MR]) {
+        assert!(has_avx2(), "the AVX2 kernel on a CPU without AVX2");
+        assert!((1..=MR).contains(&rows) && a.len() >= rows * kp * 2);
+        assert_eq!(panel.len(), kp * NR * 2);
+        let (a, b) = (a.as_ptr(), panel.as_ptr());
+        // SAFETY: the CPU has AVX2 and `a` holds `rows` rows of `2 · kp`, `b` a whole panel
+        // (asserted above), which is what `tile_r` reads.
+        unsafe {
+            match rows {
+                6 => tile_r::<6>(a, kp, b, acc),
+                5 => tile_r::<5>(a, kp, b, acc),
+                4 => tile_r::<4>(a, kp, b, acc),
+                3 => tile_r::<3>(a, kp, b, acc),
+                2 => tile_r::<2>(a, kp, b, acc),
+                _ => tile_r::<1>(a, kp, b, acc),
+            }
+        }
+    }
+
+    /// The register tile: for each pair of inner rows, two loads of the panel (16 columns x 2
+    /// i16), then per row one broadcast of its i16 pair and two `vpmaddwd` + `vpaddd`.
+    ///
+    /// # Safety
+    /// AVX2; `a` holds `R` rows of `2 · kp` i16 (stride `2 · kp`), `b` `kp · NR · 2` i16.
+    #[target_feature(enable = "avx2")]
+    unsafe fn tile_r<const R: usize>(
+        a: *const i16,
+        kp: usize,
+        b: *const i16,
+        out: &mut [[i32; NR]; MR],
+    ) {
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for kk in 0..kp {
+            // SAFETY (all three reads): kk < kp and r < R are within the bounds above.
+            let b0 = unsafe { _mm256_loadu_si256(b.add(kk * NR * 2) as *const __m256i) };
+            let b1 = unsafe { _mm256_loadu_si256(b.add(kk * NR * 2 + 16) as *const __m256i) };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pair = unsafe { (a.add(r * kp * 2 + 2 * kk) as *const i32).read_unaligned() };
+                let av = _mm256_set1_epi32(pair);
+                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b0));
+                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(av, b1));
+            }
+        }
+        for (o, acc) in out.iter_mut().zip(acc.iter()) {
+            // SAFETY: `o` is 16 i32, two registers' worth.
+            unsafe {
+                _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, acc[0]);
+                _mm256_storeu_si256(o.as_mut_ptr().add(8) as *mut __m256i, acc[1]);
+            }
+        }
+    }
+
+    /// [`super::quantize`] of `x` into `out` (their common length) on AVX2. Panics where the
+    /// CPU lacks AVX2.
+    pub fn quantize_row(x: &[f32], inv_scale: f32, out: &mut [i16]) {
+        assert!(has_avx2(), "the AVX2 kernel on a CPU without AVX2");
+        // SAFETY: the CPU has AVX2.
+        unsafe { quantize_row_avx2(x, inv_scale, out) }
+    }
+
+    /// Eight at a time: NaN masked to 0, clamped in f32 (so no conversion overflows), rounded
+    /// half to even by `vcvtps2dq` under the default rounding mode; the tail as the scalar.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_row_avx2(x: &[f32], inv_scale: f32, out: &mut [i16]) {
+        let n = out.len().min(x.len());
+        let (s, lo, hi) = (
+            _mm256_set1_ps(inv_scale),
+            _mm256_set1_ps(-128.0),
+            _mm256_set1_ps(127.0),
+        );
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, within both slices.
+            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            let v = _mm256_mul_ps(v, s);
+            let v = _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_ORD_Q>(v, v));
+            let v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+            let q = _mm256_cvtps_epi32(v);
+            let packed =
+                _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+            unsafe { _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut __m128i, packed) };
+            i += 8;
+        }
+        for j in i..n {
+            out[j] = super::quantize(x[j], inv_scale);
+        }
+    }
+}
+
+impl Op for Int8Linear {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{} x {} on {}",
+            self.k,
+            self.n,
+            self.kernel.name()
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Int8Linear {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let x = x.cast_to::<f32>()?;
+        let shape = x.shape();
+        ensure!(
+            shape.last() == Some(&self.k),
+            "{OP_TYPE}: input shape {shape:?}, inner size {} expected",
+            self.k
+        );
+        let mut out_shape: TVec<usize> = shape.into();
+        *out_shape.last_mut().expect("rank checked") = self.n;
+        let mut y = Tensor::zero::<f32>(&out_shape)?;
+        self.apply(
+            x.try_as_plain_ram()?.as_slice::<f32>()?,
+            y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
+        );
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for Int8Linear {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let x = inputs[0];
+        ensure!(
+            x.datum_type == f32::datum_type(),
+            "{OP_TYPE}: input is {:?}",
+            x.datum_type
+        );
+        ensure!(
+            x.shape.last() == Some(&self.k.to_dim()),
+            "{OP_TYPE}: input shape {:?}, inner size {} expected",
+            x.shape,
+            self.k
+        );
+        let mut shape: TVec<TDim> = x.shape.iter().cloned().collect();
+        *shape.last_mut().expect("rank checked") = self.n.to_dim();
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let rows: TDim = inputs[0].shape.iter().rev().skip(1).product();
+        Ok(tvec!((
+            Cost::FMA(i8::datum_type()),
+            rows * (self.k * self.n)
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pe_clip_models::rng::SeededRng;
+
+    fn layer(k: usize, n: usize, kernel: Kernel, rng: &mut SeededRng) -> (Int8Linear, Vec<i8>) {
+        let w: Vec<i8> = (0..k * n)
+            .map(|_| (rng.below(256) as i32 - 128) as i8)
+            .collect();
+        let bias = (0..n).map(|_| rng.below(20_001) as i32 - 10_000).collect();
+        let rescale = (0..n)
+            .map(|_| 1e-4 * (1.0 + rng.uniform() as f32))
+            .collect();
+        (Int8Linear::new(0.05, &w, k, n, bias, rescale, kernel), w)
+    }
+
+    /// The module's formula, term by term, in i64.
+    fn reference(l: &Int8Linear, w: &[i8], x: &[f32]) -> Vec<f32> {
+        let (k, n) = (l.k, l.n);
+        let mut y = vec![0.0; x.len() / k * n];
+        for (x, y) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+            for (j, y) in y.iter_mut().enumerate() {
+                let s: i64 = (0..k)
+                    .map(|t| i64::from(quantize(x[t], l.inv_scale)) * i64::from(w[t * n + j]))
+                    .sum();
+                *y = (s as i32 + l.bias[j]) as f32 * l.rescale[j];
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn both_kernels_give_the_exact_layer_at_every_edge() {
+        let mut rng = SeededRng::new(3);
+        // Odd inner sizes, widths off the 16-column panel, row counts off the 6-row tile, and
+        // inputs far outside the int8 range (saturation) and NaN.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 3, 17),
+            (7, 33, 16),
+            (13, 64, 40),
+            (197, 24, 31),
+        ] {
+            for kernel in [Kernel::Portable, Kernel::best()] {
+                let (l, w) = layer(k, n, kernel, &mut rng);
+                let mut x: Vec<f32> = (0..m * k)
+                    .map(|_| 12.0 * (rng.uniform() as f32 - 0.5))
+                    .collect();
+                x[0] = f32::NAN;
+                if x.len() > 2 {
+                    x[1] = 1e30;
+                    x[2] = -1e30;
+                }
+                let mut y = vec![0.0; m * n];
+                l.apply(&x, &mut y);
+                assert_eq!(y, reference(&l, &w, &x), "{m}x{k}x{n} {kernel:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_avx2_quantizer_equals_the_scalar_one() {
+        let mut rng = SeededRng::new(4);
+        let mut x: Vec<f32> = (0..1000)
+            .map(|_| 400.0 * (rng.uniform() as f32 - 0.5))
+            .collect();
+        // Ties, both signs, NaN and infinities.
+        x[..8].copy_from_slice(&[
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -2.5,
+            f32::NAN,
+            f32::INFINITY,
+            -f32::INFINITY,
+        ]);
+        let mut fast = vec![0i16; x.len()];
+        quantize_row(&x, 1.0, &mut fast, Kernel::best());
+        let slow: Vec<i16> = x.iter().map(|&v| quantize(v, 1.0)).collect();
+        assert_eq!(fast, slow);
+        assert_eq!(&fast[..8], &[0, 2, 2, 0, -2, 0, 127, -128]);
+    }
+}
