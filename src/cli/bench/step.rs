@@ -29,7 +29,7 @@ pub(super) struct StepArgs {
     /// package in turn so that the machine's drift slows them alike.
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    /// Also print where the time of one step goes, per operator (1 thread).
+    /// Also print where the time of one step goes, per operator (at each thread count).
     #[arg(long)]
     profile: bool,
     /// Thread counts for tract's matmuls.
@@ -133,14 +133,18 @@ pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
         None => a.packages.clone(),
     };
     if a.profile {
-        for p in &packages {
-            let (pkg, mut model, frame) = load_for_timing(p, 1, a.device.resolve("bench step")?)?;
+        for (&t, p) in a
+            .threads
+            .iter()
+            .flat_map(|t| packages.iter().map(move |p| (t, p)))
+        {
+            let (pkg, mut model, frame) = load_for_timing(p, t, a.device.resolve("bench step")?)?;
             let mut state = model.zero_state();
             model.step(&frame, &mut state)?;
             let ops = model.profile_step(&frame, &mut state)?;
             let total: f64 = ops.iter().map(|o| o.1).sum();
             eprintln!(
-                "{} ({}): {total:.1} ms per step by operator",
+                "{} ({}), {t} thread(s): {total:.1} ms per step by operator",
                 p.display(),
                 pkg.manifest.precision
             );
