@@ -25,6 +25,9 @@ struct Geometry {
     jaw: f32,
     upper_mid: f32,
     lower_mid: f32,
+    /// Skip each feature where [`far_outside`] its box (the same frame, faster); off only to
+    /// test that.
+    cull: bool,
 }
 
 impl Geometry {
@@ -44,6 +47,7 @@ impl Geometry {
             jaw: 0.12 * a(AU26) + 0.5 * 0.15 * s.speech,
             upper_mid: id.mouth_y - 0.01 - 0.02 * a(AU9),
             lower_mid: id.mouth_y + open + 0.04 * a(AU16),
+            cull: true,
         }
     }
 
@@ -55,7 +59,14 @@ impl Geometry {
 impl ClipSpec {
     /// Draw frame `t` at `size` x `size` pixels.
     pub fn render(&self, t: usize, size: u32) -> RgbImage {
-        let g = Geometry::new(&self.aus_at(t), &self.identity);
+        self.render_culled(t, size, true)
+    }
+
+    fn render_culled(&self, t: usize, size: u32, cull: bool) -> RgbImage {
+        let g = Geometry {
+            cull,
+            ..Geometry::new(&self.aus_at(t), &self.identity)
+        };
         let k = if self.frames > 1 {
             t as f32 / (self.frames - 1) as f32
         } else {
@@ -165,6 +176,48 @@ fn paint_eye_and_brow(
 ) {
     let ex = side * id.eye_dx;
     let eh = id.eye_h * g.eye_open.max(0.02);
+    // The eye paints nothing outside the sclera's box (iris and pupil are masked by it, the lid
+    // runs along its top): skip it there. The ellipse distance is scaled by the shorter axis,
+    // hence the margin.
+    let (ea, eb) = (id.eye_w.max(1e-4), eh.max(1e-4));
+    let eye_margin = (px * ea.max(eb) / ea.min(eb)).max(0.012 + px);
+    if !(g.cull
+        && far_outside(
+            u,
+            v,
+            [ex - ea, id.eye_y - eb, ex + ea, id.eye_y + eb],
+            eye_margin,
+        ))
+    {
+        paint_eye(c, id, ex, eh, u, v, px);
+    }
+    let (bx0, bx1) = (side * g.brow_in_x, side * 0.48);
+    let brow_box = [
+        bx0.min(bx1),
+        g.brow_in.min(g.brow_out),
+        bx0.max(bx1),
+        g.brow_in.max(g.brow_out),
+    ];
+    if g.cull && far_outside(u, v, brow_box, id.brow_thick.max(0.0) + px) {
+        return;
+    }
+    let brow = coverage(
+        capsule(
+            u,
+            v,
+            side * g.brow_in_x,
+            g.brow_in,
+            side * 0.48,
+            g.brow_out,
+            id.brow_thick,
+        ),
+        px,
+    );
+    blend(c, id.hair.map(|h| h * 0.8), brow);
+}
+
+/// Sclera, iris, pupil and upper lid line of the eye centred at (`ex`, `id.eye_y`), `eh` high.
+fn paint_eye(c: &mut [f32; 3], id: &Identity, ex: f32, eh: f32, u: f32, v: f32, px: f32) {
     let sclera = coverage(ellipse(u - ex, v - id.eye_y, 0.0, id.eye_w, eh), px);
     blend(c, [0.93, 0.93, 0.9], sclera);
     let iris = coverage(
@@ -199,19 +252,6 @@ fn paint_eye_and_brow(
         px,
     );
     blend(c, [0.1, 0.07, 0.06], lid * 0.8);
-    let brow = coverage(
-        capsule(
-            u,
-            v,
-            side * g.brow_in_x,
-            g.brow_in,
-            side * 0.48,
-            g.brow_out,
-            id.brow_thick,
-        ),
-        px,
-    );
-    blend(c, id.hair.map(|h| h * 0.8), brow);
 }
 
 /// Brow-lowerer furrows (AU4), the nose, and its wrinkles (AU9).
@@ -224,6 +264,14 @@ fn paint_furrows_and_nose(
     v: f32,
     px: f32,
 ) {
+    let nose_top = id.eye_y + 0.05;
+    let nose_tip = nose_top + id.nose_len - 0.03 * g.a(AU9);
+    // Every shape below lies in this box, the thickest 0.018 wide.
+    let lo = (g.brow_in + 0.02).min(nose_top).min(nose_tip);
+    let hi = (g.brow_in + 0.12).max(nose_top + 0.09).max(nose_tip);
+    if g.cull && far_outside(u, v, [-0.11, lo, 0.11, hi], 0.018 + px) {
+        return;
+    }
     let furrow = coverage(
         capsule(
             u,
@@ -241,8 +289,6 @@ fn paint_furrows_and_nose(
         px,
     ));
     blend(c, skin.map(|ch| ch * 0.6), furrow * g.a(AU4));
-    let nose_top = id.eye_y + 0.05;
-    let nose_tip = nose_top + id.nose_len - 0.03 * g.a(AU9);
     let nose = coverage(capsule(u, v, 0.0, nose_top, 0.03, nose_tip, 0.012), px).max(coverage(
         capsule(u, v, -0.07, nose_tip, 0.07, nose_tip, 0.018),
         px,
@@ -278,6 +324,23 @@ fn paint_mouth(c: &mut [f32; 3], id: &Identity, g: &Geometry, u: f32, v: f32, px
         px,
     );
     blend(c, [0.25, 0.05, 0.06], mouth_in * (g.open * 8.0).min(1.0));
+    // Both lip curves lie in their control points' box (a quadratic curve stays in the hull of
+    // its control points, and so do the chords between its points).
+    let (y_lo, y_hi) = (
+        g.corner_y.min(g.upper_mid - 0.02).min(g.lower_mid + 0.03),
+        g.corner_y.max(g.upper_mid - 0.02).max(g.lower_mid + 0.03),
+    );
+    let w = g.mouth_w.abs();
+    if g.cull
+        && far_outside(
+            u,
+            v,
+            [-w, y_lo, w, y_hi],
+            (g.lip * 1.2).max(g.lip).max(0.0) + px,
+        )
+    {
+        return;
+    }
     let lip_col = [
         id.skin[0] * 0.75 + 0.15,
         id.skin[1] * 0.45,
@@ -337,6 +400,14 @@ fn curve(u: f32, v: f32, p0: (f32, f32), p1: (f32, f32), p2: (f32, f32), r: f32)
     d
 }
 
+/// Whether (u, v) is at least `margin` outside the box `[u0, v0, u1, v1]`: then a shape inside
+/// the box at distance `d >= margin - its half-thickness`, and with `margin` a pixel more than
+/// that thickness its [`coverage`] is exactly 0 and its blend changes nothing, so skipping it
+/// draws the same frame.
+fn far_outside(u: f32, v: f32, [u0, v0, u1, v1]: [f32; 4], margin: f32) -> bool {
+    u < u0 - margin || u > u1 + margin || v < v0 - margin || v > v1 + margin
+}
+
 /// Anti-aliased coverage of a shape with signed distance `d`, `px` = one pixel.
 fn coverage(d: f32, px: f32) -> f32 {
     (0.5 - d / px).clamp(0.0, 1.0)
@@ -349,5 +420,40 @@ fn smooth_above(v: f32, edge: f32) -> f32 {
 fn blend(c: &mut [f32; 3], col: [f32; 3], alpha: f32) {
     for i in 0..3 {
         c[i] += (col[i] - c[i]) * alpha;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ClipSpec, Identity, SynthOptions, SYNTH_CLASSES};
+    use crate::rng::SeededRng;
+
+    /// Skipping the features outside their boxes draws the very frames drawing every feature
+    /// everywhere does: every class, blinks and speech, small and large frames, visible and IR.
+    #[test]
+    fn culled_frames_equal_the_full_drawing() {
+        let mut rng = SeededRng::new(21);
+        for k in 0..2 * SYNTH_CLASSES {
+            let opts = SynthOptions {
+                min_frames: 12,
+                max_frames: 16,
+                infrared: k % 3 == 0,
+                distractors: true,
+            };
+            let spec = ClipSpec::random(
+                Identity::random(&mut rng),
+                k % SYNTH_CLASSES,
+                &opts,
+                &mut rng,
+            );
+            for t in (0..spec.frames).step_by(3) {
+                for size in [32, 97] {
+                    assert!(
+                        spec.render_culled(t, size, true) == spec.render_culled(t, size, false),
+                        "clip {k}, frame {t}, {size} px"
+                    );
+                }
+            }
+        }
     }
 }
