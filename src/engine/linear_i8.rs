@@ -21,12 +21,7 @@ use std::sync::Arc;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
-/// The ONNX op type of a fused layer (domain [`DOMAIN`]): inputs `x` (f32, `[.., in]`),
-/// `x_scale` (f32 scalar), `weight_q` (int8 `[in, out]`), `rescale` (f32, 1 or `out` values),
-/// optionally `bias_q` (int32 `[out]`); one f32 output `[.., out]`.
-pub const OP_TYPE: &str = "PeClipInt8Linear";
-/// The ONNX domain of [`OP_TYPE`]: only pe-clip's own loader reads it.
-pub const DOMAIN: &str = "ai.pe-clip";
+use crate::onnx::FUSED_OP_TYPE as OP_TYPE;
 
 /// Columns of one packed weight panel (two AVX2 registers of eight i32 sums).
 const NR: usize = 16;
@@ -546,7 +541,32 @@ impl TypedOp for Int8Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::onnx::{fused_int8_linears, pb, to_model_proto, widened_int8_matmuls, Widening};
+    use pe_clip_calibrate::graph::{ElemType, Graph, LinearOpts};
+    use pe_clip_calibrate::int8::{quantize as quantize_graph, LinearRanges};
     use pe_clip_models::rng::SeededRng;
+    use std::collections::HashMap;
+
+    /// `m`'s first output, run once through pe-clip's reader on one f32 input.
+    fn run_once(m: &pb::ModelProto, shape: &[usize], x: &[f32]) -> Vec<f32> {
+        use prost::Message;
+        let bytes = m.encode_to_vec();
+        let plan = crate::engine::onnx_reader()
+            .model_for_read(&mut &bytes[..])
+            .unwrap()
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap();
+        let y = plan
+            .run(tvec!(Tensor::from_shape(shape, x).unwrap().into()))
+            .unwrap();
+        y[0].try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec()
+    }
 
     fn layer(k: usize, n: usize, kernel: Kernel, rng: &mut SeededRng) -> (Int8Linear, Vec<i8>) {
         let w: Vec<i8> = (0..k * n)
@@ -625,5 +645,78 @@ mod tests {
         let slow: Vec<i16> = x.iter().map(|&v| quantize(v, 1.0)).collect();
         assert_eq!(fast, slow);
         assert_eq!(&fast[..8], &[0, 2, 2, 0, -2, 0, 127, -128]);
+    }
+
+    /// Two random layers (one with a bias) at sizes off the fused kernel's 6 x 16 tile, inputs
+    /// partly beyond the calibrated range: the fused operator gives the int8 chain's outputs
+    /// bit for bit, per tensor and per column; a nonzero zero point is refused by name.
+    #[test]
+    fn fused_int8_linears_give_identical_outputs() {
+        let (rows, inner, mid, out) = (13, 40, 37, 19);
+        let mut seed = 5u32;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        };
+        let w1: Vec<f32> = (0..mid * inner).map(|_| rand()).collect();
+        let w2: Vec<f32> = (0..out * mid).map(|_| rand()).collect();
+        let bias: Vec<f32> = (0..mid).map(|_| rand()).collect();
+        let x: Vec<f32> = (0..rows * inner).map(|_| 1.5 * rand()).collect();
+        let mut g = Graph::new("fused");
+        let xi = g.input("x", ElemType::F32, &[rows, inner]);
+        let a = g.linear(
+            &xi,
+            "a",
+            &w1,
+            mid,
+            inner,
+            LinearOpts {
+                bias: Some(&bias),
+                quantizable: true,
+            },
+        );
+        let y = g.linear(
+            &a,
+            "b",
+            &w2,
+            out,
+            mid,
+            LinearOpts {
+                bias: None,
+                quantizable: true,
+            },
+        );
+        g.output(&y, "y", ElemType::F32, Some(&[rows, out]));
+        let ranges = HashMap::from([
+            ("a".to_string(), LinearRanges { input: 1.0 }),
+            ("b".to_string(), LinearRanges { input: 2.0 }),
+        ]);
+        for per_channel in [false, true] {
+            let m = to_model_proto(&quantize_graph(&g, &ranges, per_channel).0, &[]);
+            let run = |m: &pb::ModelProto| run_once(m, &[rows, inner], &x);
+            let fused = fused_int8_linears(&m).unwrap();
+            let g2 = fused.graph.as_ref().unwrap();
+            let fused_nodes = g2.node.iter().filter(|n| n.op_type == OP_TYPE).count();
+            assert_eq!(fused_nodes, 2);
+            assert!(!g2.node.iter().any(|n| n.op_type == "MatMulInteger"));
+            let native = run(&m);
+            assert_eq!(native, run(&fused), "per_channel {per_channel}");
+            assert_eq!(
+                native,
+                run(&widened_int8_matmuls(&m, Widening::I32).unwrap())
+            );
+        }
+        let mut m = to_model_proto(&quantize_graph(&g, &ranges, false).0, &[]);
+        let gm = m.graph.as_mut().unwrap();
+        let zp = gm
+            .node
+            .iter()
+            .find(|n| n.op_type == "QuantizeLinear")
+            .and_then(|n| n.input.get(2).cloned())
+            .unwrap();
+        let t = gm.initializer.iter_mut().find(|t| t.name == zp).unwrap();
+        t.raw_data = vec![3];
+        let e = fused_int8_linears(&m).unwrap_err().to_string();
+        assert!(e.contains("zero point") && e.contains("not 0"), "{e}");
     }
 }

@@ -13,7 +13,7 @@ pub use half::{f16_linears, widened_f16};
 
 pub use sites::{
     dequantized, fused_int8_linears, quant_sites, set_site_scales, widened_int8_matmuls, QuantSite,
-    Widening,
+    Widening, FUSED_DOMAIN, FUSED_OP_TYPE,
 };
 
 /// The operator set the step models use (`LayerNormalization` needs 17).
@@ -177,7 +177,7 @@ pub fn add_outputs(m: &mut pb::ModelProto, names: &[String]) {
 pub(crate) fn run_once(m: &pb::ModelProto, shape: &[usize], x: &[f32]) -> Vec<f32> {
     use tract_onnx::prelude::{tvec, Framework, InferenceModelExt, IntoRunnable, Tensor};
     let bytes = m.encode_to_vec();
-    let plan = crate::engine::onnx_reader()
+    let plan = tract_onnx::onnx()
         .model_for_read(&mut &bytes[..])
         .unwrap()
         .into_optimized()
