@@ -29,7 +29,8 @@ fn run_without_a_source_is_the_deterministic_demo() {
 }
 
 /// `info --package demo --cost`: the demo's int8 and f32 products counted, and the kernels of
-/// this CPU's plan carry every one of those multiply-accumulates, in each int8 form.
+/// this CPU's plan carry every one of those multiply-accumulates, in each int8 form (the fused
+/// one a few more).
 #[test]
 fn info_cost_counts_the_demo_step_and_its_kernels() {
     for form in ["native", "f32", "fused"] {
@@ -53,7 +54,14 @@ fn info_cost_counts_the_demo_step_and_its_kernels() {
         let int8 = macs(&cost["classes"], &|c| c["class"] == "matmul i8");
         let all = macs(&cost["classes"], &|c| c["class"] != "other");
         assert!(int8 > 1_000_000 && all > int8, "{cost}");
-        assert_eq!(macs(&cost["kernels"], &|_| true), all, "{cost}");
+        let kernels = macs(&cost["kernels"], &|_| true);
+        if form == "fused" {
+            // The fused operator computes every column of its layer; tract's own plan drops
+            // the columns nothing reads (sliced-off parts of the demo's layers: 1.4 % of them).
+            assert!(kernels >= all && kernels <= all + all / 20, "{cost}");
+        } else {
+            assert_eq!(kernels, all, "{cost}");
+        }
         assert!(v["machine"].as_str().unwrap().contains("tract ISA"), "{v}");
     }
 }
