@@ -549,23 +549,7 @@ mod tests {
 
     /// `m`'s first output, run once through pe-clip's reader on one f32 input.
     fn run_once(m: &pb::ModelProto, shape: &[usize], x: &[f32]) -> Vec<f32> {
-        use prost::Message;
-        let bytes = m.encode_to_vec();
-        let plan = crate::engine::onnx_reader()
-            .model_for_read(&mut &bytes[..])
-            .unwrap()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
-        let y = plan
-            .run(tvec!(Tensor::from_shape(shape, x).unwrap().into()))
-            .unwrap();
-        y[0].try_as_plain_ram()
-            .unwrap()
-            .as_slice::<f32>()
-            .unwrap()
-            .to_vec()
+        crate::onnx::run_once_with(&crate::engine::onnx_reader(), m, shape, x)
     }
 
     fn layer(k: usize, n: usize, kernel: Kernel, rng: &mut SeededRng) -> (Int8Linear, Vec<i8>) {

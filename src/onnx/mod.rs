@@ -175,9 +175,20 @@ pub fn add_outputs(m: &mut pb::ModelProto, names: &[String]) {
 /// Test helper: `m`'s first output, run once in tract (optimised plan) on one f32 input.
 #[cfg(test)]
 pub(crate) fn run_once(m: &pb::ModelProto, shape: &[usize], x: &[f32]) -> Vec<f32> {
+    run_once_with(&tract_onnx::onnx(), m, shape, x)
+}
+
+/// [`run_once`] through `reader` (one with more operators registered).
+#[cfg(test)]
+pub(crate) fn run_once_with(
+    reader: &tract_onnx::Onnx,
+    m: &pb::ModelProto,
+    shape: &[usize],
+    x: &[f32],
+) -> Vec<f32> {
     use tract_onnx::prelude::{tvec, Framework, InferenceModelExt, IntoRunnable, Tensor};
     let bytes = m.encode_to_vec();
-    let plan = tract_onnx::onnx()
+    let plan = reader
         .model_for_read(&mut &bytes[..])
         .unwrap()
         .into_optimized()
