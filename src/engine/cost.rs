@@ -160,10 +160,9 @@ fn kernels(model: &TypedModel) -> Vec<KernelUse> {
                 .and_then(|&i| volume(&model.outlet_fact(i).ok()?.shape))
                 .unwrap_or(0)
                 / k as u64;
-            let packing = "i8 rows as i16 pairs•i16 pair panels of 16".to_string();
             count(
                 op.kernel().name().to_string(),
-                packing,
+                op.kernel().packing().to_string(),
                 rows * (k * n) as u64,
             );
             continue;

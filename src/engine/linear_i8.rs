@@ -15,6 +15,12 @@
 //! 128, so no pair sum saturates and no i32 sum of up to 2^17 terms overflows), on a 6 x 16
 //! register tile: one instruction does the work of two f32 FMAs. The weights are packed once, at
 //! load, as i16 (half the bytes of the f32-widened form).
+//!
+//! On aarch64 with the dot-product extension (Armv8.2+, the Jetson Orin's Cortex-A78AE) the same
+//! tile runs on `sdot` (16 i8 products and 4 sums of 4 per instruction into i32) over weights
+//! packed as i8 in groups of 4 inner rows, and the quantize runs in NEON. It is chosen only by
+//! `PE_CLIP_INT8_MATMUL=fused` there (tract's own SDOT kernel stays the default until a board
+//! has measured which is faster; docs/device.md).
 
 use std::sync::Arc;
 
@@ -145,62 +151,88 @@ impl Expansion for FusedExpansion {
 /// Which matrix kernel a fused layer runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
-    /// `vpmaddwd` on a 6 x 16 tile (x86-64 with AVX2).
+    /// `vpmaddwd` on a 6 x 16 tile of i16 (x86-64 with AVX2).
+    #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// Plain Rust loops: any CPU, and the reference the AVX2 kernel is tested against.
+    /// `sdot` on a 6 x 16 tile of i8 (aarch64 with the dot-product extension).
+    #[cfg(target_arch = "aarch64")]
+    Dot,
+    /// Plain Rust loops on i16: any CPU, and the reference the others are tested against.
     Portable,
 }
 
 impl Kernel {
-    /// AVX2 where this CPU has it (and tract's probed set, `TRACT_CPU_ISA` included, has it),
-    /// else portable.
+    /// AVX2 or the dot product where this CPU has it (and tract's probed set, `TRACT_CPU_ISA`
+    /// included, has it), else portable.
     pub fn best() -> Self {
+        use tract_onnx::tract_core::tract_linalg::isa::{native, Isa};
         #[cfg(target_arch = "x86_64")]
-        {
-            use tract_onnx::tract_core::tract_linalg::isa::{native, Isa};
-            if std::arch::is_x86_feature_detected!("avx2") && native().has(Isa::X86_64Avx2) {
-                return Kernel::Avx2;
-            }
+        if std::arch::is_x86_feature_detected!("avx2") && native().has(Isa::X86_64Avx2) {
+            return Kernel::Avx2;
         }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("dotprod") && native().has(Isa::Aarch64DotProd) {
+            return Kernel::Dot;
+        }
+        let _ = (native, Isa::Aarch64);
         Kernel::Portable
+    }
+
+    /// Its operand forms, activations•weights, as `pe-clip info --cost` lists them.
+    pub fn packing(self) -> &'static str {
+        #[cfg(target_arch = "aarch64")]
+        if self == Kernel::Dot {
+            return "i8 rows in quads•i8 quad panels of 16";
+        }
+        "i8 rows as i16 pairs•i16 pair panels of 16"
     }
 
     /// The name `pe-clip info --cost` lists the kernel under.
     pub fn name(self) -> &'static str {
         match self {
+            #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => "pe-clip avx2_i16_madd_6x16",
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Dot => "pe-clip arm64_sdot_i8_6x16",
             Kernel::Portable => "pe-clip portable_i16_6x16",
         }
     }
 }
 
-/// The weights as i16 panels of [`NR`] columns: panel `p`, pair `kk`, column `c`, half `h` at
-/// `((p · kp + kk) · NR + c) · 2 + h` holds `W_q[2·kk + h, p·NR + c]`, zero past the edges.
-struct Packed {
-    data: Vec<i16>,
-    /// Pairs of inner rows: `ceil(k / 2)`.
-    kp: usize,
+/// The weights in panels of [`NR`] columns, `D` inner rows per group (the kernel's operand
+/// form): panel `p`, group `g`, column `c`, value `v` at `((p · G + g) · NR + c) · D + v` holds
+/// `W_q[D·g + v, p·NR + c]`, zero past the edges (`G = ceil(k / D)`).
+enum Packed {
+    /// `D = 2`, i16: [`Kernel::Avx2`] and [`Kernel::Portable`].
+    Pairs(Vec<i16>),
+    /// `D = 4`, i8: [`Kernel::Dot`].
+    #[cfg(target_arch = "aarch64")]
+    Quads(Vec<i8>),
 }
 
 impl Packed {
-    fn new(w: &[i8], k: usize, n: usize) -> Self {
-        let kp = k.div_ceil(2);
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0i16; panels * kp * NR * 2];
-        for (row, w_row) in w.chunks_exact(n).enumerate() {
-            let (kk, h) = (row / 2, row % 2);
-            for (col, &v) in w_row.iter().enumerate() {
-                let (p, c) = (col / NR, col % NR);
-                data[((p * kp + kk) * NR + c) * 2 + h] = i16::from(v);
-            }
+    fn new(w: &[i8], k: usize, n: usize, kernel: Kernel) -> Self {
+        #[cfg(target_arch = "aarch64")]
+        if kernel == Kernel::Dot {
+            return Packed::Quads(pack(w, k, n, 4));
         }
-        Self { data, kp }
+        let _ = kernel;
+        Packed::Pairs(pack(w, k, n, 2))
     }
+}
 
-    fn panel(&self, p: usize) -> &[i16] {
-        let len = self.kp * NR * 2;
-        &self.data[p * len..(p + 1) * len]
+/// [`Packed`]'s layout with `depth` inner rows per group.
+fn pack<T: From<i8> + Copy + Default>(w: &[i8], k: usize, n: usize, depth: usize) -> Vec<T> {
+    let groups = k.div_ceil(depth);
+    let mut data = vec![T::default(); n.div_ceil(NR) * groups * NR * depth];
+    for (row, w_row) in w.chunks_exact(n).enumerate() {
+        let (g, v) = (row / depth, row % depth);
+        for (col, &x) in w_row.iter().enumerate() {
+            let (p, c) = (col / NR, col % NR);
+            data[((p * groups + g) * NR + c) * depth + v] = T::from(x);
+        }
     }
+    data
 }
 
 /// The fused int8 layer (module docs): weights packed at load, one evaluation per step.
@@ -250,7 +282,7 @@ impl Int8Linear {
             k,
             n,
             inv_scale: x_scale.recip(),
-            packed: Arc::new(Packed::new(w, k, n)),
+            packed: Arc::new(Packed::new(w, k, n, kernel)),
             bias: bias.into(),
             rescale: rescale.into(),
             kernel,
@@ -266,17 +298,16 @@ impl Int8Linear {
         (self.k, self.n)
     }
 
-    /// `y` (`m` rows of `n`) from `x` (`m` rows of `k`).
+    /// `y` (`m` rows of `n`) from `x` (`m` rows of `k`). Each task of tract's pool quantizes
+    /// and multiplies its own block of rows, so no pass over `x` stays on one thread.
     pub fn apply(&self, x: &[f32], y: &mut [f32]) {
         let m = x.len() / self.k;
         debug_assert!(x.len() == m * self.k && y.len() == m * self.n);
-        let lda = self.packed.kp * 2;
-        let mut a = vec![0i16; m * lda];
-        for (a_row, x_row) in a.chunks_exact_mut(lda).zip(x.chunks_exact(self.k)) {
-            quantize_row(x_row, self.inv_scale, &mut a_row[..self.k], self.kernel);
-        }
         let rows_per_task = |threads: usize| (m.div_ceil(threads)).div_ceil(MR) * MR;
-        let run = |row0: usize, y: &mut [f32]| self.rows(&a[row0 * lda..], y);
+        let run = |row0: usize, y: &mut [f32]| {
+            let rows = y.len() / self.n;
+            self.rows(&x[row0 * self.k..(row0 + rows) * self.k], y)
+        };
         use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
         match current_tract_executor() {
             Executor::MultiThread(pool) if pool.current_num_threads() > 1 && m > MR => {
@@ -292,19 +323,57 @@ impl Int8Linear {
         }
     }
 
-    /// The rows of `y` from the quantized rows `a` (row stride `2 · kp`), panel by panel so a
-    /// panel's weights stay in cache while every row block passes.
-    fn rows(&self, a: &[i16], y: &mut [f32]) {
-        let (n, kp) = (self.n, self.packed.kp);
+    /// The rows of `y` from the same rows of `x`, in the operand form of the kernel.
+    fn rows(&self, x: &[f32], y: &mut [f32]) {
+        let s = self.inv_scale;
+        match &*self.packed {
+            Packed::Pairs(w) => self.rows_in(
+                x,
+                y,
+                w,
+                2 * self.k.div_ceil(2),
+                |x, a| quantize_row(x, s, a, self.kernel),
+                |a, lda, panel, rows, acc| tile(self.kernel, a, lda / 2, panel, rows, acc),
+            ),
+            #[cfg(target_arch = "aarch64")]
+            Packed::Quads(w) => self.rows_in(
+                x,
+                y,
+                w,
+                4 * self.k.div_ceil(4),
+                |x, a| dot::quantize_row(x, s, a),
+                |a, lda, panel, rows, acc| dot::tile(a, lda / 4, panel, rows, acc),
+            ),
+        }
+    }
+
+    /// `rows` with the packed weights `w`: `x` quantized into a buffer of row stride `lda` (`k`
+    /// rounded up to the kernel's group, zero past `k`), then multiplied panel by panel so a
+    /// panel's weights stay in cache while every row block passes. `tile(a, lda, panel, rows,
+    /// acc)` sets the first `rows` rows of `acc` from those of `a`.
+    fn rows_in<T: Copy + Default>(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        w: &[T],
+        lda: usize,
+        quantize: impl Fn(&[f32], &mut [T]),
+        tile: impl Fn(&[T], usize, &[T], usize, &mut [[i32; NR]; MR]),
+    ) {
+        let n = self.n;
         let m = y.len() / n;
+        let mut a = vec![T::default(); m * lda];
+        for (a_row, x_row) in a.chunks_exact_mut(lda).zip(x.chunks_exact(self.k)) {
+            quantize(x_row, &mut a_row[..self.k]);
+        }
+        let panel_len = lda * NR;
         let mut acc = [[0i32; NR]; MR];
         for p in 0..n.div_ceil(NR) {
-            let panel = self.packed.panel(p);
+            let panel = &w[p * panel_len..(p + 1) * panel_len];
             let (c0, cols) = (p * NR, (n - p * NR).min(NR));
             for r0 in (0..m).step_by(MR) {
                 let rows = (m - r0).min(MR);
-                let a = &a[r0 * kp * 2..];
-                tile(self.kernel, a, kp, panel, rows, &mut acc);
+                tile(&a[r0 * lda..], lda, panel, rows, &mut acc);
                 for (r, acc) in acc.iter().enumerate().take(rows) {
                     let out = &mut y[(r0 + r) * n + c0..][..cols];
                     for (c, o) in out.iter_mut().enumerate() {
@@ -468,6 +537,135 @@ mod avx2 {
     }
 }
 
+/// The aarch64 dot-product kernels: unsafe code (SIMD loads and stores through raw pointers,
+/// `sdot` by inline assembly since its intrinsic is unstable in Rust 1.95, and calls of
+/// `#[target_feature]` functions) behind safe entry points that check the CPU and every bound.
+#[cfg(target_arch = "aarch64")]
+#[allow(unsafe_code)]
+mod dot {
+    use super::{MR, NR};
+    use std::arch::aarch64::*;
+
+    fn has_dotprod() -> bool {
+        std::arch::is_aarch64_feature_detected!("dotprod")
+    }
+
+    /// `acc[r][c] = Σ_g a[r][4g..4g+4] · panel[g][c][..4]` for the first `rows` rows; `a` has
+    /// row stride `4 · kq`. Panics where the CPU lacks the dot product or a bound does not hold.
+    pub fn tile(a: &[i8], kq: usize, panel: &[i8], rows: usize, acc: &mut [[i32; NR]; MR]) {
+        assert!(
+            has_dotprod(),
+            "the SDOT kernel on a CPU without the dot product"
+        );
+        assert!((1..=MR).contains(&rows) && a.len() >= rows * kq * 4);
+        assert_eq!(panel.len(), kq * NR * 4);
+        let (a, b) = (a.as_ptr(), panel.as_ptr());
+        // SAFETY: the CPU has the dot product and `a` holds `rows` rows of `4 · kq`, `b` a
+        // whole panel (asserted above), which is what `tile_r` reads.
+        unsafe {
+            match rows {
+                6 => tile_r::<6>(a, kq, b, acc),
+                5 => tile_r::<5>(a, kq, b, acc),
+                4 => tile_r::<4>(a, kq, b, acc),
+                3 => tile_r::<3>(a, kq, b, acc),
+                2 => tile_r::<2>(a, kq, b, acc),
+                _ => tile_r::<1>(a, kq, b, acc),
+            }
+        }
+    }
+
+    /// `$acc.4s += $b.16b · $a.16b`, lane `i` gaining the dot product of the 4 bytes `4i..4i+4`
+    /// of both. Only inside a `#[target_feature(enable = "dotprod")]` function, where the
+    /// assembler accepts `sdot`.
+    macro_rules! sdot {
+        ($acc:expr, $b:expr, $a:expr) => {
+            std::arch::asm!(
+                "sdot {acc:v}.4s, {b:v}.16b, {a:v}.16b",
+                acc = inout(vreg) $acc,
+                b = in(vreg) $b,
+                a = in(vreg) $a,
+                options(pure, nomem, nostack)
+            )
+        };
+    }
+
+    /// The register tile: for each group of 4 inner rows, four loads of the panel (16 columns
+    /// x 4 i8, 4 columns a register), then per row one broadcast of its 4 bytes and four
+    /// `sdot`s: 4·R accumulators + 4 weight registers + 1 of NEON's 32.
+    ///
+    /// # Safety
+    /// The dot product; `a` holds `R` rows of `4 · kq` i8 (stride `4 · kq`), `b` `kq · NR · 4`.
+    #[target_feature(enable = "dotprod")]
+    unsafe fn tile_r<const R: usize>(
+        a: *const i8,
+        kq: usize,
+        b: *const i8,
+        out: &mut [[i32; NR]; MR],
+    ) {
+        let mut acc = [[vdupq_n_s32(0); 4]; R];
+        for g in 0..kq {
+            // SAFETY (all reads): g < kq and r < R are within the bounds above; the 4 bytes of
+            // a row's group are read unaligned.
+            let bg = unsafe { b.add(g * NR * 4) };
+            let bv = unsafe {
+                [
+                    vld1q_s8(bg),
+                    vld1q_s8(bg.add(16)),
+                    vld1q_s8(bg.add(32)),
+                    vld1q_s8(bg.add(48)),
+                ]
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let quad = unsafe { (a.add(r * kq * 4 + 4 * g) as *const i32).read_unaligned() };
+                let av = vreinterpretq_s8_s32(vdupq_n_s32(quad));
+                for (acc, &bq) in acc.iter_mut().zip(bv.iter()) {
+                    // SAFETY: `sdot` reads and writes registers only; this function enables
+                    // the dot product.
+                    unsafe { sdot!(*acc, bq, av) };
+                }
+            }
+        }
+        for (o, acc) in out.iter_mut().zip(acc.iter()) {
+            for (q, &v) in acc.iter().enumerate() {
+                // SAFETY: `o` is 16 i32, four registers' worth.
+                unsafe { vst1q_s32(o.as_mut_ptr().add(4 * q), v) };
+            }
+        }
+    }
+
+    /// [`super::quantize`] of `x` into `out` (their common length) as i8, in NEON (baseline on
+    /// aarch64): `fcvtns` rounds half to even, gives 0 for NaN and saturates, and the two
+    /// saturating narrows clamp to -128..127, which is the scalar's arithmetic.
+    pub fn quantize_row(x: &[f32], inv_scale: f32, out: &mut [i8]) {
+        // SAFETY: Advanced SIMD is part of every aarch64 target Rust builds for.
+        unsafe { quantize_row_neon(x, inv_scale, out) }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn quantize_row_neon(x: &[f32], inv_scale: f32, out: &mut [i8]) {
+        let n = out.len().min(x.len());
+        let s = vdupq_n_f32(inv_scale);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, within both slices.
+            let (v0, v1) = unsafe {
+                (
+                    vld1q_f32(x.as_ptr().add(i)),
+                    vld1q_f32(x.as_ptr().add(i + 4)),
+                )
+            };
+            let q0 = vcvtnq_s32_f32(vmulq_f32(v0, s));
+            let q1 = vcvtnq_s32_f32(vmulq_f32(v1, s));
+            let q = vqmovn_s16(vcombine_s16(vqmovn_s32(q0), vqmovn_s32(q1)));
+            unsafe { vst1_s8(out.as_mut_ptr().add(i), q) };
+            i += 8;
+        }
+        for j in i..n {
+            out[j] = super::quantize(x[j], inv_scale) as i8;
+        }
+    }
+}
+
 impl Op for Int8Linear {
     fn name(&self) -> StaticName {
         OP_TYPE.into()
@@ -608,7 +806,7 @@ mod tests {
     }
 
     #[test]
-    fn the_avx2_quantizer_equals_the_scalar_one() {
+    fn the_simd_quantizers_equal_the_scalar_one() {
         let mut rng = SeededRng::new(4);
         let mut x: Vec<f32> = (0..1000)
             .map(|_| 400.0 * (rng.uniform() as f32 - 0.5))
@@ -629,6 +827,14 @@ mod tests {
         let slow: Vec<i16> = x.iter().map(|&v| quantize(v, 1.0)).collect();
         assert_eq!(fast, slow);
         assert_eq!(&fast[..8], &[0, 2, 2, 0, -2, 0, 127, -128]);
+        #[cfg(target_arch = "aarch64")]
+        {
+            // The i8 quantizer of the dot-product kernel, at a length off its 8-lane step.
+            let mut neon = vec![0i8; x.len() - 3];
+            dot::quantize_row(&x, 1.0, &mut neon);
+            let slow: Vec<i8> = slow[..neon.len()].iter().map(|&v| v as i8).collect();
+            assert_eq!(neon, slow);
+        }
     }
 
     /// Two random layers (one with a bias) at sizes off the fused kernel's 6 x 16 tile, inputs

@@ -203,7 +203,7 @@ pub enum Int8Form {
     /// A `MatMul` of the int8 values widened to i32 or f32 ([`crate::onnx::widened_int8_matmuls`]).
     Widened(Widening),
     /// Each int8 layer as one pe-clip operator ([`linear_i8`], [`crate::onnx::fused_int8_linears`]):
-    /// the same values, on an AVX2 i16 kernel.
+    /// the same values, on an AVX2 i16 kernel (x86-64) or an SDOT i8 one (aarch64).
     Fused,
     /// Weight-only int8: the dequantized weights in f32 products of unquantized activations
     /// ([`crate::onnx::dequantized`]); only by `PE_CLIP_INT8_MATMUL=dequantized`, as its answers
@@ -214,8 +214,8 @@ pub enum Int8Form {
 impl Int8Form {
     /// `PE_CLIP_INT8_MATMUL=native|fused|i32|f32|dequantized` if set, else on x86-64 CPUs
     /// without AVX-512 VNNI or AVX-VNNI (as tract sees them, `TRACT_CPU_ISA` included) fused
-    /// where AVX2 is (f32-widened where not), native elsewhere (docs/device.md has the
-    /// measurements).
+    /// where AVX2 is (f32-widened where not), native elsewhere, aarch64 included until a board
+    /// has measured the fused SDOT kernel against tract's (docs/device.md has the measurements).
     pub fn for_this_cpu() -> Self {
         match std::env::var("PE_CLIP_INT8_MATMUL").as_deref() {
             Ok("native") => return Int8Form::Native,
