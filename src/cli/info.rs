@@ -117,6 +117,19 @@ fn package_info(dir: &std::path::Path, cost: bool, json: bool) -> anyhow::Result
             k.packing
         );
     }
+    let total: u64 = cost.plan_other.iter().map(|c| c.macs).sum();
+    println!(
+        "and its other operators, {} elements in all:",
+        group_digits(total as usize)
+    );
+    for c in cost.plan_other.iter().take(12) {
+        println!(
+            "  {:<34} {:>5} nodes {:>18} elements",
+            c.class,
+            c.nodes,
+            group_digits(c.macs as usize)
+        );
+    }
     Ok(super::EXIT_OK)
 }
 

@@ -40,6 +40,10 @@ pub struct StepCost {
     pub classes: Vec<OpClass>,
     /// Matrix kernels of the plan this CPU runs, largest first.
     pub kernels: Vec<KernelUse>,
+    /// The other operators of that plan (what remains after tract and pe-clip fused what they
+    /// fuse into the matrix products), by operator name with their output elements, largest
+    /// first.
+    pub plan_other: Vec<OpClass>,
 }
 
 impl StepCost {
@@ -204,6 +208,29 @@ fn kernels(model: &TypedModel) -> Vec<KernelUse> {
     uses
 }
 
+/// The operators of an optimised plan that are neither matrix products nor constants, by name,
+/// with their output elements per step.
+fn plan_other(model: &TypedModel) -> Vec<OpClass> {
+    let mut other = Vec::new();
+    for node in &model.nodes {
+        let op = node.op();
+        if node.inputs.is_empty()
+            || op.downcast_ref::<OptMatMul>().is_some()
+            || op.downcast_ref::<super::linear_i8::Int8Linear>().is_some()
+        {
+            continue;
+        }
+        let elements = node
+            .outputs
+            .iter()
+            .filter_map(|o| volume(&o.fact.shape))
+            .sum();
+        add(&mut other, op.name().to_string(), elements);
+    }
+    other.sort_by_key(|c| std::cmp::Reverse(c.macs));
+    other
+}
+
 /// The instruction-set features tract uses on this CPU, as tract names them.
 pub fn tract_isa() -> String {
     format!("{:?}", tract_onnx::tract_core::tract_linalg::isa::native())
@@ -217,6 +244,7 @@ impl StepModel {
             isa: tract_isa(),
             classes: op_classes(bytes, context)?,
             kernels: kernels(self.plan.model()),
+            plan_other: plan_other(self.plan.model()),
         })
     }
 }

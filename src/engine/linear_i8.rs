@@ -49,15 +49,46 @@ fn parse(
         node.name,
         node.input.len()
     );
-    Ok((expand(FusedExpansion), vec![]))
+    let columns = match node.get_attr_opt_vec::<i64>("columns")? {
+        None => Vec::new(),
+        Some(c) => {
+            ensure!(
+                !c.is_empty() && c.len() % 2 == 0 && c.len() / 2 == node.output.len(),
+                "{OP_TYPE} {}: {} column bounds for {} outputs",
+                node.name,
+                c.len(),
+                node.output.len()
+            );
+            let mut ranges = Vec::new();
+            for b in c.chunks_exact(2) {
+                ensure!(
+                    0 <= b[0] && b[0] < b[1],
+                    "{OP_TYPE} {}: empty or negative column range {}..{}",
+                    node.name,
+                    b[0],
+                    b[1]
+                );
+                ranges.push((b[0] as usize, b[1] as usize));
+            }
+            ranges
+        }
+    };
+    Ok((expand(FusedExpansion { columns }), vec![]))
 }
 
+/// The ONNX node: `columns` empty for one output of every column, else its column ranges.
 #[derive(Debug, Clone, Hash)]
-struct FusedExpansion;
+struct FusedExpansion {
+    columns: Vec<(usize, usize)>,
+}
 
 impl Expansion for FusedExpansion {
     fn name(&self) -> StaticName {
         OP_TYPE.into()
+    }
+
+    fn nboutputs(&self) -> TractResult<usize> {
+        Ok(self.columns.len().max(1))
     }
 
     fn rules<'r, 'p: 'r, 's: 'r>(
@@ -66,19 +97,27 @@ impl Expansion for FusedExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> TractResult<()> {
-        check_output_arity(outputs, 1)?;
+        check_output_arity(outputs, self.columns.len().max(1))?;
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
-        s.equals(&outputs[0].datum_type, f32::datum_type())?;
         s.equals(&inputs[2].rank, 2)?;
-        s.equals(&outputs[0].rank, &inputs[0].rank)?;
+        for o in outputs {
+            s.equals(&o.datum_type, f32::datum_type())?;
+            s.equals(&o.rank, &inputs[0].rank)?;
+        }
         s.given(&inputs[0].rank, move |s, rank| {
             let rank = rank as usize;
             ensure!(rank >= 1, "{OP_TYPE}: a scalar input");
-            for d in 0..rank - 1 {
-                s.equals(&outputs[0].shape[d], &inputs[0].shape[d])?;
-            }
             s.equals(&inputs[0].shape[rank - 1], &inputs[2].shape[0])?;
-            s.equals(&outputs[0].shape[rank - 1], &inputs[2].shape[1])
+            for (i, o) in outputs.iter().enumerate() {
+                for d in 0..rank - 1 {
+                    s.equals(&o.shape[d], &inputs[0].shape[d])?;
+                }
+                match self.columns.get(i) {
+                    Some(&(start, end)) => s.equals(&o.shape[rank - 1], (end - start).to_dim())?,
+                    None => s.equals(&o.shape[rank - 1], &inputs[2].shape[1])?,
+                }
+            }
+            Ok(())
         })
     }
 
@@ -131,17 +170,30 @@ impl Expansion for FusedExpansion {
             }
             None => vec![0; n],
         };
-        let op = Int8Linear::new(
+        let columns = if self.columns.is_empty() {
+            vec![(0, n)]
+        } else {
+            self.columns.clone()
+        };
+        if let Some(&(start, end)) = columns.iter().find(|c| c.1 > n) {
+            bail!("{prefix}: column range {start}..{end} of a layer {n} wide");
+        }
+        if columns.len() > 1 || columns[0] != (0, n) {
+            let rank = model.outlet_fact(inputs[0])?.rank();
+            ensure!(rank == 2, "{prefix}: column ranges of a rank-{rank} input");
+        }
+        let op = Int8Linear::with_columns(
             x_scale[0],
             weight.try_as_plain_ram()?.as_slice::<i8>()?,
             k,
             n,
-            bias,
-            if rescale.len() == 1 {
+            &bias,
+            &if rescale.len() == 1 {
                 vec![rescale[0]; n]
             } else {
                 rescale.to_vec()
             },
+            &columns,
             Kernel::best(),
         );
         model.wire_node(prefix, op, &inputs[..1])
@@ -199,25 +251,76 @@ impl Kernel {
     }
 }
 
-/// The weights in panels of [`NR`] columns, `D` inner rows per group (the kernel's operand
-/// form): panel `p`, group `g`, column `c`, value `v` at `((p · G + g) · NR + c) · D + v` holds
-/// `W_q[D·g + v, p·NR + c]`, zero past the edges (`G = ceil(k / D)`).
+/// The weights of one output in panels of [`NR`] columns, `D` inner rows per group (the
+/// kernel's operand form): panel `p`, group `g`, column `c`, value `v` at `((p · G + g) · NR +
+/// c) · D + v` holds `W_q[D·g + v, p·NR + c]` of the output's columns, zero past the edges
+/// (`G = ceil(k / D)`); with their bias and rescale.
+struct Columns<T> {
+    n: usize,
+    w: Vec<T>,
+    bias: Vec<i32>,
+    rescale: Vec<f32>,
+}
+
+/// Every output's weights in the operand form of the kernel.
 enum Packed {
     /// `D = 2`, i16: [`Kernel::Avx2`] and [`Kernel::Portable`].
-    Pairs(Vec<i16>),
-    /// `D = 4`, i8: [`Kernel::Dot`].
+    Pairs(Vec<Columns<i16>>),
+    /// `D = 4`, i8: `Kernel::Dot`.
     #[cfg(target_arch = "aarch64")]
-    Quads(Vec<i8>),
+    Quads(Vec<Columns<i8>>),
 }
 
 impl Packed {
-    fn new(w: &[i8], k: usize, n: usize, kernel: Kernel) -> Self {
+    /// `w` row-major `[k, n]`; one output per column range.
+    fn new(
+        w: &[i8],
+        k: usize,
+        n: usize,
+        bias: &[i32],
+        rescale: &[f32],
+        columns: &[(usize, usize)],
+        kernel: Kernel,
+    ) -> Self {
+        fn each<T: From<i8> + Copy + Default>(
+            w: &[i8],
+            k: usize,
+            n: usize,
+            bias: &[i32],
+            rescale: &[f32],
+            columns: &[(usize, usize)],
+            depth: usize,
+        ) -> Vec<Columns<T>> {
+            columns
+                .iter()
+                .map(|&(start, end)| {
+                    let cols: Vec<i8> = w
+                        .chunks_exact(n)
+                        .flat_map(|row| row[start..end].iter().copied())
+                        .collect();
+                    Columns {
+                        n: end - start,
+                        w: pack(&cols, k, end - start, depth),
+                        bias: bias[start..end].to_vec(),
+                        rescale: rescale[start..end].to_vec(),
+                    }
+                })
+                .collect()
+        }
         #[cfg(target_arch = "aarch64")]
         if kernel == Kernel::Dot {
-            return Packed::Quads(pack(w, k, n, 4));
+            return Packed::Quads(each(w, k, n, bias, rescale, columns, 4));
         }
         let _ = kernel;
-        Packed::Pairs(pack(w, k, n, 2))
+        Packed::Pairs(each(w, k, n, bias, rescale, columns, 2))
+    }
+
+    fn widths(&self) -> Vec<usize> {
+        match self {
+            Packed::Pairs(c) => c.iter().map(|c| c.n).collect(),
+            #[cfg(target_arch = "aarch64")]
+            Packed::Quads(c) => c.iter().map(|c| c.n).collect(),
+        }
     }
 }
 
@@ -235,21 +338,25 @@ fn pack<T: From<i8> + Copy + Default>(w: &[i8], k: usize, n: usize, depth: usize
     data
 }
 
-/// The fused int8 layer (module docs): weights packed at load, one evaluation per step.
+/// The fused int8 layer (module docs): weights packed at load, one evaluation per step; one
+/// output per column range of the layer (the whole layer, or the slices that read it).
 #[derive(Clone)]
 pub struct Int8Linear {
     k: usize,
-    n: usize,
     inv_scale: f32,
     packed: Arc<Packed>,
-    bias: Arc<[i32]>,
-    rescale: Arc<[f32]>,
+    /// Each output's width.
+    widths: Arc<[usize]>,
     kernel: Kernel,
 }
 
 impl std::fmt::Debug for Int8Linear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{OP_TYPE}({} x {}, {:?})", self.k, self.n, self.kernel)
+        write!(
+            f,
+            "{OP_TYPE}({} x {:?}, {:?})",
+            self.k, self.widths, self.kernel
+        )
     }
 }
 
@@ -259,32 +366,33 @@ impl PartialEq for Int8Linear {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.packed, &other.packed)
             && self.inv_scale.to_bits() == other.inv_scale.to_bits()
-            && Arc::ptr_eq(&self.bias, &other.bias)
-            && Arc::ptr_eq(&self.rescale, &other.rescale)
             && self.kernel == other.kernel
     }
 }
 impl Eq for Int8Linear {}
 
 impl Int8Linear {
-    /// `w` is `W_q`, row-major `[k, n]`; `bias` and `rescale` have `n` values.
-    pub fn new(
+    /// `w` is `W_q`, row-major `[k, n]`; `bias` and `rescale` have `n` values; one output per
+    /// column range `start..end` of the layer (each nonempty, within `n`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_columns(
         x_scale: f32,
         w: &[i8],
         k: usize,
         n: usize,
-        bias: Vec<i32>,
-        rescale: Vec<f32>,
+        bias: &[i32],
+        rescale: &[f32],
+        columns: &[(usize, usize)],
         kernel: Kernel,
     ) -> Self {
         assert!(w.len() == k * n && bias.len() == n && rescale.len() == n);
+        assert!(!columns.is_empty() && columns.iter().all(|&(s, e)| s < e && e <= n));
+        let packed = Packed::new(w, k, n, bias, rescale, columns, kernel);
         Self {
             k,
-            n,
             inv_scale: x_scale.recip(),
-            packed: Arc::new(Packed::new(w, k, n, kernel)),
-            bias: bias.into(),
-            rescale: rescale.into(),
+            widths: packed.widths().into(),
+            packed: Arc::new(packed),
             kernel,
         }
     }
@@ -293,53 +401,67 @@ impl Int8Linear {
         self.kernel
     }
 
-    /// Inner and output width.
+    /// Inner width and the sum of the outputs' widths (the columns computed).
     pub fn dims(&self) -> (usize, usize) {
-        (self.k, self.n)
+        (self.k, self.widths.iter().sum())
     }
 
-    /// `y` (`m` rows of `n`) from `x` (`m` rows of `k`). Each task of tract's pool quantizes
-    /// and multiplies its own block of rows, so no pass over `x` stays on one thread.
-    pub fn apply(&self, x: &[f32], y: &mut [f32]) {
+    /// `ys[i]` (`m` rows of output `i`'s width) from `x` (`m` rows of `k`). Each task of
+    /// tract's pool quantizes and multiplies its own block of rows, so no pass over `x` stays
+    /// on one thread.
+    pub fn apply(&self, x: &[f32], ys: &mut [&mut [f32]]) {
         let m = x.len() / self.k;
-        debug_assert!(x.len() == m * self.k && y.len() == m * self.n);
-        let rows_per_task = |threads: usize| (m.div_ceil(threads)).div_ceil(MR) * MR;
-        let run = |row0: usize, y: &mut [f32]| {
-            let rows = y.len() / self.n;
-            self.rows(&x[row0 * self.k..(row0 + rows) * self.k], y)
+        debug_assert!(x.len() == m * self.k && ys.len() == self.widths.len());
+        debug_assert!(ys
+            .iter()
+            .zip(self.widths.iter())
+            .all(|(y, n)| y.len() == m * n));
+        let run = |row0: usize, ys: &mut [&mut [f32]]| {
+            let rows = ys[0].len() / self.widths[0];
+            self.rows(&x[row0 * self.k..(row0 + rows) * self.k], ys)
         };
         use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
         match current_tract_executor() {
             Executor::MultiThread(pool) if pool.current_num_threads() > 1 && m > MR => {
                 use rayon::prelude::*;
-                let chunk = rows_per_task(pool.current_num_threads());
+                let threads = pool.current_num_threads();
+                let chunk = m.div_ceil(threads).div_ceil(MR) * MR;
+                let mut tasks: Vec<Vec<&mut [f32]>> = (0..m.div_ceil(chunk))
+                    .map(|_| Vec::with_capacity(ys.len()))
+                    .collect();
+                for (y, &n) in ys.iter_mut().zip(self.widths.iter()) {
+                    for (task, part) in tasks.iter_mut().zip(y.chunks_mut(chunk * n)) {
+                        task.push(part);
+                    }
+                }
                 pool.install(|| {
-                    y.par_chunks_mut(chunk * self.n)
+                    tasks
+                        .into_par_iter()
                         .enumerate()
-                        .for_each(|(i, y)| run(i * chunk, y))
+                        .for_each(|(i, mut ys)| run(i * chunk, &mut ys))
                 });
             }
-            _ => run(0, y),
+            _ => run(0, ys),
         }
     }
 
-    /// The rows of `y` from the same rows of `x`, in the operand form of the kernel.
-    fn rows(&self, x: &[f32], y: &mut [f32]) {
+    /// The rows of every output from the same rows of `x`, in the operand form of the kernel.
+    fn rows(&self, x: &[f32], ys: &mut [&mut [f32]]) {
         let s = self.inv_scale;
         match &*self.packed {
-            Packed::Pairs(w) => self.rows_in(
+            Packed::Pairs(outputs) => self.rows_in(
                 x,
-                y,
-                w,
+                ys,
+                outputs,
                 2 * self.k.div_ceil(2),
                 |x, a| quantize_row(x, s, a, self.kernel),
                 |a, lda, panel, rows, acc| tile(self.kernel, a, lda / 2, panel, rows, acc),
             ),
             #[cfg(target_arch = "aarch64")]
-            Packed::Quads(w) => self.rows_in(
+            Packed::Quads(outputs) => self.rows_in(
                 x,
-                y,
-                w,
+                ys,
+                outputs,
                 4 * self.k.div_ceil(4),
                 |x, a| dot::quantize_row(x, s, a),
                 |a, lda, panel, rows, acc| dot::tile(a, lda / 4, panel, rows, acc),
@@ -347,38 +469,41 @@ impl Int8Linear {
         }
     }
 
-    /// `rows` with the packed weights `w`: `x` quantized into a buffer of row stride `lda` (`k`
-    /// rounded up to the kernel's group, zero past `k`), then multiplied panel by panel so a
-    /// panel's weights stay in cache while every row block passes. `tile(a, lda, panel, rows,
-    /// acc)` sets the first `rows` rows of `acc` from those of `a`.
+    /// `rows` with the packed weights of each output: `x` quantized once into a buffer of row
+    /// stride `lda` (`k` rounded up to the kernel's group, zero past `k`), then each output
+    /// multiplied panel by panel so a panel's weights stay in cache while every row block
+    /// passes. `tile(a, lda, panel, rows, acc)` sets the first `rows` rows of `acc` from those
+    /// of `a`.
     fn rows_in<T: Copy + Default>(
         &self,
         x: &[f32],
-        y: &mut [f32],
-        w: &[T],
+        ys: &mut [&mut [f32]],
+        outputs: &[Columns<T>],
         lda: usize,
         quantize: impl Fn(&[f32], &mut [T]),
         tile: impl Fn(&[T], usize, &[T], usize, &mut [[i32; NR]; MR]),
     ) {
-        let n = self.n;
-        let m = y.len() / n;
+        let m = x.len() / self.k;
         let mut a = vec![T::default(); m * lda];
         for (a_row, x_row) in a.chunks_exact_mut(lda).zip(x.chunks_exact(self.k)) {
             quantize(x_row, &mut a_row[..self.k]);
         }
         let panel_len = lda * NR;
         let mut acc = [[0i32; NR]; MR];
-        for p in 0..n.div_ceil(NR) {
-            let panel = &w[p * panel_len..(p + 1) * panel_len];
-            let (c0, cols) = (p * NR, (n - p * NR).min(NR));
-            for r0 in (0..m).step_by(MR) {
-                let rows = (m - r0).min(MR);
-                tile(&a[r0 * lda..], lda, panel, rows, &mut acc);
-                for (r, acc) in acc.iter().enumerate().take(rows) {
-                    let out = &mut y[(r0 + r) * n + c0..][..cols];
-                    for (c, o) in out.iter_mut().enumerate() {
-                        let j = c0 + c;
-                        *o = acc[c].wrapping_add(self.bias[j]) as f32 * self.rescale[j];
+        for (cols, y) in outputs.iter().zip(ys.iter_mut()) {
+            let n = cols.n;
+            for p in 0..n.div_ceil(NR) {
+                let panel = &cols.w[p * panel_len..(p + 1) * panel_len];
+                let (c0, width) = (p * NR, (n - p * NR).min(NR));
+                for r0 in (0..m).step_by(MR) {
+                    let rows = (m - r0).min(MR);
+                    tile(&a[r0 * lda..], lda, panel, rows, &mut acc);
+                    for (r, acc) in acc.iter().enumerate().take(rows) {
+                        let out = &mut y[(r0 + r) * n + c0..][..width];
+                        for (c, o) in out.iter_mut().enumerate() {
+                            let j = c0 + c;
+                            *o = acc[c].wrapping_add(cols.bias[j]) as f32 * cols.rescale[j];
+                        }
                     }
                 }
             }
@@ -673,9 +798,9 @@ impl Op for Int8Linear {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{} x {} on {}",
+            "{} x {:?} on {}",
             self.k,
-            self.n,
+            self.widths,
             self.kernel.name()
         )])
     }
@@ -695,14 +820,19 @@ impl EvalOp for Int8Linear {
             "{OP_TYPE}: input shape {shape:?}, inner size {} expected",
             self.k
         );
-        let mut out_shape: TVec<usize> = shape.into();
-        *out_shape.last_mut().expect("rank checked") = self.n;
-        let mut y = Tensor::zero::<f32>(&out_shape)?;
-        self.apply(
-            x.try_as_plain_ram()?.as_slice::<f32>()?,
-            y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
-        );
-        Ok(tvec!(y.into_tvalue()))
+        let rows = x.len() / self.k;
+        let mut ys: Vec<Vec<f32>> = self.widths.iter().map(|&n| vec![0.0; rows * n]).collect();
+        let mut slices: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
+        self.apply(x.try_as_plain_ram()?.as_slice::<f32>()?, &mut slices);
+        ys.into_iter()
+            .zip(self.widths.iter())
+            .map(|(y, &n)| {
+                let mut out_shape: TVec<usize> = shape.into();
+                *out_shape.last_mut().expect("rank checked") = n;
+                let y = tract_ndarray::ArrayD::from_shape_vec(&*out_shape, y)?;
+                Ok(y.into_tensor().into_tvalue())
+            })
+            .collect()
     }
 }
 
@@ -722,16 +852,22 @@ impl TypedOp for Int8Linear {
             x.shape,
             self.k
         );
-        let mut shape: TVec<TDim> = x.shape.iter().cloned().collect();
-        *shape.last_mut().expect("rank checked") = self.n.to_dim();
-        Ok(tvec!(f32::fact(shape)))
+        Ok(self
+            .widths
+            .iter()
+            .map(|&n| {
+                let mut shape: TVec<TDim> = x.shape.iter().cloned().collect();
+                *shape.last_mut().expect("rank checked") = n.to_dim();
+                f32::fact(shape)
+            })
+            .collect())
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         let rows: TDim = inputs[0].shape.iter().rev().skip(1).product();
         Ok(tvec!((
             Cost::FMA(i8::datum_type()),
-            rows * (self.k * self.n)
+            rows * (self.k * self.dims().1)
         )))
     }
 }
@@ -750,27 +886,42 @@ mod tests {
         crate::onnx::run_once_with(&crate::engine::onnx_reader(), m, shape, x)
     }
 
-    fn layer(k: usize, n: usize, kernel: Kernel, rng: &mut SeededRng) -> (Int8Linear, Vec<i8>) {
-        let w: Vec<i8> = (0..k * n)
-            .map(|_| (rng.below(256) as i32 - 128) as i8)
-            .collect();
-        let bias = (0..n).map(|_| rng.below(20_001) as i32 - 10_000).collect();
-        let rescale = (0..n)
-            .map(|_| 1e-4 * (1.0 + rng.uniform() as f32))
-            .collect();
-        (Int8Linear::new(0.05, &w, k, n, bias, rescale, kernel), w)
+    /// A random layer `[k, n]`: its weights, bias and rescale.
+    struct Layer {
+        k: usize,
+        n: usize,
+        w: Vec<i8>,
+        bias: Vec<i32>,
+        rescale: Vec<f32>,
     }
 
-    /// The module's formula, term by term, in i64.
-    fn reference(l: &Int8Linear, w: &[i8], x: &[f32]) -> Vec<f32> {
+    const X_SCALE: f32 = 0.05;
+
+    fn layer(k: usize, n: usize, rng: &mut SeededRng) -> Layer {
+        Layer {
+            k,
+            n,
+            w: (0..k * n)
+                .map(|_| (rng.below(256) as i32 - 128) as i8)
+                .collect(),
+            bias: (0..n).map(|_| rng.below(20_001) as i32 - 10_000).collect(),
+            rescale: (0..n)
+                .map(|_| 1e-4 * (1.0 + rng.uniform() as f32))
+                .collect(),
+        }
+    }
+
+    /// The module's formula, term by term, in i64: columns `start..end` of the layer.
+    fn reference(l: &Layer, x: &[f32], (start, end): (usize, usize)) -> Vec<f32> {
         let (k, n) = (l.k, l.n);
-        let mut y = vec![0.0; x.len() / k * n];
-        for (x, y) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
-            for (j, y) in y.iter_mut().enumerate() {
+        let inv = X_SCALE.recip();
+        let mut y = Vec::new();
+        for x in x.chunks_exact(k) {
+            for j in start..end {
                 let s: i64 = (0..k)
-                    .map(|t| i64::from(quantize(x[t], l.inv_scale)) * i64::from(w[t * n + j]))
+                    .map(|t| i64::from(quantize(x[t], inv)) * i64::from(l.w[t * n + j]))
                     .sum();
-                *y = (s as i32 + l.bias[j]) as f32 * l.rescale[j];
+                y.push((s as i32 + l.bias[j]) as f32 * l.rescale[j]);
             }
         }
         y
@@ -788,19 +939,46 @@ mod tests {
             (13, 64, 40),
             (197, 24, 31),
         ] {
-            for kernel in [Kernel::Portable, Kernel::best()] {
-                let (l, w) = layer(k, n, kernel, &mut rng);
-                let mut x: Vec<f32> = (0..m * k)
-                    .map(|_| 12.0 * (rng.uniform() as f32 - 0.5))
-                    .collect();
-                x[0] = f32::NAN;
-                if x.len() > 2 {
-                    x[1] = 1e30;
-                    x[2] = -1e30;
+            let l = layer(k, n, &mut rng);
+            let mut x: Vec<f32> = (0..m * k)
+                .map(|_| 12.0 * (rng.uniform() as f32 - 0.5))
+                .collect();
+            x[0] = f32::NAN;
+            if x.len() > 2 {
+                x[1] = 1e30;
+                x[2] = -1e30;
+            }
+            // The whole layer, and column ranges off the panel edges that skip some columns,
+            // repeat others and end at the last.
+            let split = [(n / 3, n), (0, n.div_ceil(2)), (n - 1, n)];
+            // On one thread, and on three (row blocks of uneven sizes over tract's pool).
+            use tract_onnx::tract_core::tract_linalg::multithread::{
+                multithread_tract_scope, Executor,
+            };
+            for columns in [&[(0, n)][..], &split] {
+                for kernel in [Kernel::Portable, Kernel::best()] {
+                    for threads in [1, 3] {
+                        let op = Int8Linear::with_columns(
+                            X_SCALE, &l.w, k, n, &l.bias, &l.rescale, columns, kernel,
+                        );
+                        let mut ys: Vec<Vec<f32>> = columns
+                            .iter()
+                            .map(|&(s, e)| vec![0.0; m * (e - s)])
+                            .collect();
+                        let mut out: Vec<&mut [f32]> =
+                            ys.iter_mut().map(Vec::as_mut_slice).collect();
+                        match threads {
+                            1 => op.apply(&x, &mut out),
+                            t => multithread_tract_scope(Executor::multithread(t), || {
+                                op.apply(&x, &mut out)
+                            }),
+                        }
+                        for (y, &c) in ys.iter().zip(columns) {
+                            let what = format!("{m}x{k}x{n} {c:?} {kernel:?} {threads} threads");
+                            assert_eq!(y, &reference(&l, &x, c), "{what}");
+                        }
+                    }
                 }
-                let mut y = vec![0.0; m * n];
-                l.apply(&x, &mut y);
-                assert_eq!(y, reference(&l, &w, &x), "{m}x{k}x{n} {kernel:?}");
             }
         }
     }
@@ -849,7 +1027,7 @@ mod tests {
             (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
         };
         let w1: Vec<f32> = (0..mid * inner).map(|_| rand()).collect();
-        let w2: Vec<f32> = (0..out * mid).map(|_| rand()).collect();
+        let w2: Vec<f32> = (0..out * 20).map(|_| rand()).collect();
         let bias: Vec<f32> = (0..mid).map(|_| rand()).collect();
         let x: Vec<f32> = (0..rows * inner).map(|_| 1.5 * rand()).collect();
         let mut g = Graph::new("fused");
@@ -865,18 +1043,24 @@ mod tests {
                 quantizable: true,
             },
         );
+        // `a` is read by slices of its columns only (one range twice, columns 20..25 by none):
+        // the fused layer computes them as its outputs.
+        let a1 = g.slice(&a, 1, 0, 20);
+        let a2 = g.slice(&a, -1, 25, 37);
+        let a3 = g.slice(&a, 1, 0, 20);
         let y = g.linear(
-            &a,
+            &a1,
             "b",
             &w2,
             out,
-            mid,
+            20,
             LinearOpts {
                 bias: None,
                 quantizable: true,
             },
         );
-        g.output(&y, "y", ElemType::F32, Some(&[rows, out]));
+        let y = g.concat(&[&y, &a2, &a3], 1);
+        g.output(&y, "y", ElemType::F32, Some(&[rows, out + 12 + 20]));
         let ranges = HashMap::from([
             ("a".to_string(), LinearRanges { input: 1.0 }),
             ("b".to_string(), LinearRanges { input: 2.0 }),
@@ -886,9 +1070,13 @@ mod tests {
             let run = |m: &pb::ModelProto| run_once(m, &[rows, inner], &x);
             let fused = fused_int8_linears(&m).unwrap();
             let g2 = fused.graph.as_ref().unwrap();
-            let fused_nodes = g2.node.iter().filter(|n| n.op_type == OP_TYPE).count();
-            assert_eq!(fused_nodes, 2);
-            assert!(!g2.node.iter().any(|n| n.op_type == "MatMulInteger"));
+            let nodes: Vec<_> = g2.node.iter().filter(|n| n.op_type == OP_TYPE).collect();
+            assert_eq!(nodes.len(), 2);
+            assert_eq!(nodes[0].output.len(), 2, "{:?}", nodes[0]);
+            assert!(!g2
+                .node
+                .iter()
+                .any(|n| n.op_type == "MatMulInteger" || n.op_type == "Slice"));
             let native = run(&m);
             assert_eq!(native, run(&fused), "per_channel {per_channel}");
             assert_eq!(

@@ -11,6 +11,7 @@ use crate::error::OnnxError;
 const FLOAT: i32 = ElemType::F32.onnx_code();
 const INT8: i32 = ElemType::I8.onnx_code();
 const INT32: i32 = ElemType::I32.onnx_code();
+const INT64: i32 = ElemType::I64.onnx_code();
 
 fn tensor_error(t: &pb::TensorProto, reason: impl Into<String>) -> OnnxError {
     OnnxError::Tensor {
@@ -66,6 +67,25 @@ fn i32s(t: &pb::TensorProto) -> Result<Vec<i32>, OnnxError> {
         return Ok(t.int32_data.clone());
     }
     Ok(words(t)?.into_iter().map(i32::from_le_bytes).collect())
+}
+
+fn i64s(t: &pb::TensorProto) -> Result<Vec<i64>, OnnxError> {
+    if t.data_type != INT64 {
+        return Err(tensor_error(t, "is not i64"));
+    }
+    if t.raw_data.is_empty() {
+        return Ok(t.int64_data.clone());
+    }
+    if !t.raw_data.len().is_multiple_of(8) {
+        return Err(tensor_error(
+            t,
+            format!("raw data of {} bytes", t.raw_data.len()),
+        ));
+    }
+    Ok(t.raw_data
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect())
 }
 
 fn i8s(t: &pb::TensorProto) -> Result<Vec<i8>, OnnxError> {
@@ -322,15 +342,18 @@ fn replace_chain(g: &mut pb::GraphProto, mut chain: Vec<usize>, nodes: Vec<pb::N
 /// The op type of a fused int8 layer (domain [`FUSED_DOMAIN`]), which `crate::engine`'s loader
 /// registers in tract: inputs `x` (f32, `[.., in]`), `x_scale` (f32 scalar), `weight_q` (int8
 /// `[in, out]`), `rescale` (f32, 1 or `out` values), optionally `bias_q` (int32 `[out]`); one f32
-/// output `[.., out]`.
+/// output `[.., out]`, or with the attribute `columns` (ints `s0, e0, s1, e1, ..`) one output
+/// `[.., e_i - s_i]` per column range `s_i..e_i` (only those columns are computed).
 pub const FUSED_OP_TYPE: &str = "PeClipInt8Linear";
 /// The ONNX domain of [`FUSED_OP_TYPE`]: only pe-clip's own loader reads it.
 pub const FUSED_DOMAIN: &str = "ai.pe-clip";
 
 /// The model with every int8 layer's chain as one `PeClipInt8Linear` node
 /// (`crate::engine::linear_i8`, which computes the same values): inputs the layer's input and
-/// its `x_scale`, `weight_q`, `rescale` and (if any) `bias_q` constants. Only pe-clip's loader
-/// reads that operator. Untouched when the model has no int8 layer.
+/// its `x_scale`, `weight_q`, `rescale` and (if any) `bias_q` constants. A layer read only by
+/// `Slice`s of its last axis (the step model's `qkv` split into q, k and v) gets one output per
+/// slice instead, so no copy is made and no unread column computed. Only pe-clip's loader reads
+/// that operator. Untouched when the model has no int8 layer.
 pub fn fused_int8_linears(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxError> {
     use FUSED_DOMAIN as DOMAIN;
     use FUSED_OP_TYPE as OP_TYPE;
@@ -349,7 +372,7 @@ pub fn fused_int8_linears(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxErro
         if site.scales.bias_q.is_some() {
             input.push(names.bias_q());
         }
-        let node = pb::NodeProto {
+        let mut node = pb::NodeProto {
             input,
             output: vec![last.clone()],
             name: format!("{}.fused/node", site.name),
@@ -357,7 +380,18 @@ pub fn fused_int8_linears(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxErro
             domain: DOMAIN.into(),
             ..Default::default()
         };
+        let slices = column_slices(g, &last, site.out_dim)?;
+        if let Some(slices) = &slices {
+            node.output = slices.outputs.clone();
+            node.attribute.push(super::attribute(
+                "columns",
+                &pe_clip_calibrate::graph::Attr::Ints(slices.columns.clone()),
+            ));
+        }
         replace_chain(g, chain, vec![node]);
+        if let Some(slices) = slices {
+            slices.absorb(g);
+        }
     }
     if !sites.is_empty() && !out.opset_import.iter().any(|o| o.domain == DOMAIN) {
         out.opset_import.push(pb::OperatorSetIdProto {
@@ -368,6 +402,112 @@ pub fn fused_int8_linears(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxErro
     let g = out.graph.as_mut().expect("quant_sites checked the graph");
     drop_unread_initializers(g);
     Ok(out)
+}
+
+/// The last-axis `Slice`s that are all that read a fused layer's output, to become its outputs.
+struct ColumnSlices {
+    /// The distinct ranges, flat: `s0, e0, s1, e1, ..`.
+    columns: Vec<i64>,
+    /// One output per range: the first slice's output of that range.
+    outputs: Vec<String>,
+    /// Each slice's output and the output that now holds its values.
+    renamed: Vec<(String, String)>,
+}
+
+impl ColumnSlices {
+    /// Remove the slices from `g`, their readers reading the layer's outputs.
+    fn absorb(self, g: &mut pb::GraphProto) {
+        let names: std::collections::HashMap<&str, &str> = self
+            .renamed
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        g.node.retain(|k| {
+            !(k.op_type == "Slice" && k.output.first().is_some_and(|o| names.contains_key(&**o)))
+        });
+        for k in &mut g.node {
+            for i in &mut k.input {
+                if let Some(to) = names.get(i.as_str()) {
+                    *i = to.to_string();
+                }
+            }
+        }
+    }
+}
+
+/// The slices of `value` (`[rows, width]`, the output of an int8 layer) if every node reading
+/// it is a `Slice` of axis 1 or -1 with constant single bounds and no step other than 1, and
+/// `value` is no graph output; else `None` (the layer keeps its one output).
+fn column_slices(
+    g: &pb::GraphProto,
+    value: &str,
+    width: usize,
+) -> Result<Option<ColumnSlices>, OnnxError> {
+    if g.output.iter().any(|o| o.name == value) {
+        return Ok(None);
+    }
+    let readers: Vec<&pb::NodeProto> = g
+        .node
+        .iter()
+        .filter(|k| k.input.iter().any(|i| i == value))
+        .collect();
+    if readers.is_empty() {
+        return Ok(None);
+    }
+    let constant = |name: Option<&String>| -> Result<Option<i64>, OnnxError> {
+        let Some(t) = name.and_then(|n| initializer(g, n)) else {
+            return Ok(None);
+        };
+        Ok(match i64s(t)?.as_slice() {
+            [v] => Some(*v),
+            _ => None,
+        })
+    };
+    let w = width as i64;
+    let mut out = ColumnSlices {
+        columns: Vec::new(),
+        outputs: Vec::new(),
+        renamed: Vec::new(),
+    };
+    for k in readers {
+        if k.op_type != "Slice" || k.input.first().map(String::as_str) != Some(value) {
+            return Ok(None);
+        }
+        let (Some(start), Some(end), Some(axis)) = (
+            constant(k.input.get(1))?,
+            constant(k.input.get(2))?,
+            constant(k.input.get(3))?,
+        ) else {
+            return Ok(None);
+        };
+        let step = match k.input.get(4).filter(|s| !s.is_empty()) {
+            Some(s) => constant(Some(s))?,
+            None => Some(1),
+        };
+        if !(axis == 1 || axis == -1) || step != Some(1) {
+            return Ok(None);
+        }
+        // ONNX Slice bounds: negative from the end, then clamped to the axis.
+        let clamp = |v: i64| (if v < 0 { v + w } else { v }).clamp(0, w);
+        let (start, end) = (clamp(start), clamp(end));
+        if start >= end {
+            return Ok(None);
+        }
+        let Some(output) = k.output.first() else {
+            return Ok(None);
+        };
+        let at = out.columns.chunks_exact(2).position(|c| c == [start, end]);
+        let to = match at {
+            Some(i) => out.outputs[i].clone(),
+            None => {
+                out.columns.extend([start, end]);
+                out.outputs.push(output.clone());
+                output.clone()
+            }
+        };
+        out.renamed.push((output.clone(), to));
+    }
+    Ok(Some(out))
 }
 
 /// The f32 replacement of an int8 layer: `MatMul(input, weight_deq)`, plus `Add(bias_deq)` when
