@@ -73,13 +73,28 @@ fn parse(
             ranges
         }
     };
-    Ok((expand(FusedExpansion { columns }), vec![]))
+    let quick_gelu = node.get_attr_opt::<f32>("quick_gelu_alpha")?;
+    ensure!(
+        quick_gelu.is_none() || columns.is_empty(),
+        "{OP_TYPE} {}: quick_gelu_alpha with column ranges",
+        node.name
+    );
+    let quick_gelu = quick_gelu.map(f32::to_bits);
+    Ok((
+        expand(FusedExpansion {
+            columns,
+            quick_gelu,
+        }),
+        vec![],
+    ))
 }
 
-/// The ONNX node: `columns` empty for one output of every column, else its column ranges.
+/// The ONNX node: `columns` empty for one output of every column, else its column ranges;
+/// `quick_gelu` the bits of `alpha` of `y · σ(alpha · y)` applied to the output, if any.
 #[derive(Debug, Clone, Hash)]
 struct FusedExpansion {
     columns: Vec<(usize, usize)>,
+    quick_gelu: Option<u32>,
 }
 
 impl Expansion for FusedExpansion {
@@ -182,7 +197,7 @@ impl Expansion for FusedExpansion {
             let rank = model.outlet_fact(inputs[0])?.rank();
             ensure!(rank == 2, "{prefix}: column ranges of a rank-{rank} input");
         }
-        let op = Int8Linear::with_columns(
+        let mut op = Int8Linear::with_columns(
             x_scale[0],
             weight.try_as_plain_ram()?.as_slice::<i8>()?,
             k,
@@ -196,6 +211,9 @@ impl Expansion for FusedExpansion {
             &columns,
             Kernel::best(),
         );
+        if let Some(alpha) = self.quick_gelu {
+            op = op.with_quick_gelu(f32::from_bits(alpha))?;
+        }
         model.wire_node(prefix, op, &inputs[..1])
     }
 }
@@ -348,7 +366,12 @@ pub struct Int8Linear {
     /// Each output's width.
     widths: Arc<[usize]>,
     kernel: Kernel,
+    /// `y · σ(alpha · y)` on the output, with tract's sigmoid kernel for this CPU.
+    quick_gelu: Option<(f32, Arc<QuickGeluSigmoid>)>,
 }
+
+type QuickGeluSigmoid =
+    Box<dyn tract_onnx::tract_core::tract_linalg::element_wise::ElementWise<f32>>;
 
 impl std::fmt::Debug for Int8Linear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -367,6 +390,8 @@ impl PartialEq for Int8Linear {
         Arc::ptr_eq(&self.packed, &other.packed)
             && self.inv_scale.to_bits() == other.inv_scale.to_bits()
             && self.kernel == other.kernel
+            && self.quick_gelu.as_ref().map(|g| g.0.to_bits())
+                == other.quick_gelu.as_ref().map(|g| g.0.to_bits())
     }
 }
 impl Eq for Int8Linear {}
@@ -394,7 +419,22 @@ impl Int8Linear {
             widths: packed.widths().into(),
             packed: Arc::new(packed),
             kernel,
+            quick_gelu: None,
         }
+    }
+
+    /// The layer followed by CLIP's QuickGELU `y · σ(alpha · y)` (one output only), computed
+    /// as tract computes `Mul → Sigmoid → Mul`: the same f32 products and tract's own sigmoid
+    /// kernel for this CPU, so the values are the same bit for bit.
+    pub fn with_quick_gelu(mut self, alpha: f32) -> TractResult<Self> {
+        ensure!(
+            self.widths.len() == 1,
+            "{OP_TYPE}: QuickGELU after {} outputs",
+            self.widths.len()
+        );
+        use tract_onnx::tract_core::tract_linalg::routines::Func;
+        self.quick_gelu = Some((alpha, Arc::new(Func::Sigmoid.ew_f32()?)));
+        Ok(self)
     }
 
     pub fn kernel(&self) -> Kernel {
@@ -505,6 +545,16 @@ impl Int8Linear {
                             *o = acc[c].wrapping_add(cols.bias[j]) as f32 * cols.rescale[j];
                         }
                     }
+                }
+            }
+            if let Some((alpha, sigmoid)) = &self.quick_gelu {
+                // This task's rows, still in cache.
+                let mut s: Vec<f32> = y.iter().map(|&v| v * alpha).collect();
+                sigmoid
+                    .run(&mut s)
+                    .expect("tract's sigmoid kernel runs on any f32 slice");
+                for (v, s) in y.iter_mut().zip(&s) {
+                    *v *= s;
                 }
             }
         }
@@ -1059,6 +1109,8 @@ mod tests {
                 quantizable: true,
             },
         );
+        // `b`'s QuickGELU becomes part of its fused layer.
+        let y = g.quick_gelu(&y);
         let y = g.concat(&[&y, &a2, &a3], 1);
         g.output(&y, "y", ElemType::F32, Some(&[rows, out + 12 + 20]));
         let ranges = HashMap::from([
@@ -1073,10 +1125,9 @@ mod tests {
             let nodes: Vec<_> = g2.node.iter().filter(|n| n.op_type == OP_TYPE).collect();
             assert_eq!(nodes.len(), 2);
             assert_eq!(nodes[0].output.len(), 2, "{:?}", nodes[0]);
-            assert!(!g2
-                .node
-                .iter()
-                .any(|n| n.op_type == "MatMulInteger" || n.op_type == "Slice"));
+            assert!(!g2.node.iter().any(|n| {
+                ["MatMulInteger", "Slice", "Sigmoid", "Mul"].contains(&n.op_type.as_str())
+            }));
             let native = run(&m);
             assert_eq!(native, run(&fused), "per_channel {per_channel}");
             assert_eq!(

@@ -388,9 +388,23 @@ pub fn fused_int8_linears(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxErro
                 &pe_clip_calibrate::graph::Attr::Ints(slices.columns.clone()),
             ));
         }
+        let gelu = match slices {
+            None => quick_gelu_after(g, &last)?,
+            Some(_) => None,
+        };
+        if let Some(gelu) = &gelu {
+            node.output = vec![gelu.output.clone()];
+            node.attribute.push(super::attribute(
+                "quick_gelu_alpha",
+                &pe_clip_calibrate::graph::Attr::Float(gelu.alpha),
+            ));
+        }
         replace_chain(g, chain, vec![node]);
         if let Some(slices) = slices {
             slices.absorb(g);
+        }
+        if let Some(gelu) = gelu {
+            g.node.retain(|k| !gelu.nodes.contains(&k.name));
         }
     }
     if !sites.is_empty() && !out.opset_import.iter().any(|o| o.domain == DOMAIN) {
@@ -402,6 +416,73 @@ pub fn fused_int8_linears(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxErro
     let g = out.graph.as_mut().expect("quant_sites checked the graph");
     drop_unread_initializers(g);
     Ok(out)
+}
+
+/// CLIP's QuickGELU `y = x · σ(alpha · x)` as `Graph::quick_gelu` writes it after a layer:
+/// `Mul(x, alpha) → Sigmoid → Mul(x, ·)`, the only readers of `x` and of each other.
+struct QuickGelu {
+    alpha: f32,
+    /// The final `Mul`'s output.
+    output: String,
+    /// The three nodes' names.
+    nodes: Vec<String>,
+}
+
+/// The QuickGELU that is all that reads `x`, if it is.
+fn quick_gelu_after(g: &pb::GraphProto, x: &str) -> Result<Option<QuickGelu>, OnnxError> {
+    let readers = |v: &str| -> Vec<&pb::NodeProto> {
+        g.node
+            .iter()
+            .filter(|k| k.input.iter().any(|i| i == v))
+            .collect()
+    };
+    let is_output = |v: &str| g.output.iter().any(|o| o.name == v);
+    let other = |k: &pb::NodeProto, v: &str| -> Option<String> {
+        match k.input.as_slice() {
+            [a, b] if a == v && b != v => Some(b.clone()),
+            [a, b] if b == v && a != v => Some(a.clone()),
+            _ => None,
+        }
+    };
+    let out = |k: &pb::NodeProto| k.output.first().cloned().unwrap_or_default();
+    if is_output(x) {
+        return Ok(None);
+    }
+    let xr = readers(x);
+    if xr.len() != 2 || xr.iter().any(|k| k.op_type != "Mul") {
+        return Ok(None);
+    }
+    for (scale, last) in [(xr[0], xr[1]), (xr[1], xr[0])] {
+        let Some(alpha) = other(scale, x).and_then(|c| initializer(g, &c).cloned()) else {
+            continue;
+        };
+        let [alpha] = f32s(&alpha)?[..] else {
+            continue;
+        };
+        let sr = readers(&out(scale));
+        let [sigmoid] = sr.as_slice() else { continue };
+        if sigmoid.op_type != "Sigmoid" || is_output(&out(scale)) || is_output(&out(sigmoid)) {
+            continue;
+        }
+        let gr = readers(&out(sigmoid));
+        if gr.len() != 1 || gr[0].name != last.name || other(last, x) != Some(out(sigmoid)) {
+            continue;
+        }
+        // They are removed by name, so each name must be one node's.
+        let unique = |n: &str| !n.is_empty() && g.node.iter().filter(|k| k.name == n).count() == 1;
+        if ![&scale.name, &sigmoid.name, &last.name]
+            .iter()
+            .all(|n| unique(n))
+        {
+            return Ok(None);
+        }
+        return Ok(Some(QuickGelu {
+            alpha,
+            output: out(last),
+            nodes: vec![scale.name.clone(), sigmoid.name.clone(), last.name.clone()],
+        }));
+    }
+    Ok(None)
 }
 
 /// The last-axis `Slice`s that are all that read a fused layer's output, to become its outputs.
