@@ -38,11 +38,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 /// `info --package`: the manifest's summary, and with `cost` the step's cost here.
 fn package_info(dir: &std::path::Path, cost: bool, json: bool) -> anyhow::Result<u8> {
     use crate::package::Package;
-    let pkg = if dir == std::path::Path::new("demo") {
-        Package::embedded_demo()?
-    } else {
-        Package::open(dir)?
-    };
+    let pkg = Package::open_or_demo(dir)?;
     let m = &pkg.manifest;
     let bytes = pkg.model_bytes()?;
     let name = if pkg.is_embedded() {

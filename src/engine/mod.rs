@@ -217,19 +217,17 @@ impl Int8Form {
     /// where AVX2 is (f32-widened where not), native elsewhere, aarch64 included until a board
     /// has measured the fused SDOT kernel against tract's (docs/device.md has the measurements).
     pub fn for_this_cpu() -> Self {
-        match std::env::var("PE_CLIP_INT8_MATMUL").as_deref() {
-            Ok("native") => return Int8Form::Native,
-            Ok("fused") => return Int8Form::Fused,
-            Ok("i32") => return Int8Form::Widened(Widening::I32),
-            Ok("f32") => return Int8Form::Widened(Widening::F32),
-            Ok("dequantized") => return Int8Form::Dequantized,
-            Ok(other) => {
-                log::warn!(
-                    "PE_CLIP_INT8_MATMUL={other} ignored (native, fused, i32, f32, dequantized)"
-                )
+        if let Ok(name) = std::env::var("PE_CLIP_INT8_MATMUL") {
+            match name.parse() {
+                Ok(form) => return form,
+                Err(e) => log::warn!("PE_CLIP_INT8_MATMUL ignored: {e}"),
             }
-            Err(_) => {}
         }
+        Self::default_for_this_cpu()
+    }
+
+    /// [`Int8Form::for_this_cpu`] without the environment's override.
+    pub fn default_for_this_cpu() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             // tract's probed set, so `TRACT_CPU_ISA=-avx512vnni,-avxvnni,-amx-int8` on a VNNI
@@ -245,6 +243,38 @@ impl Int8Form {
             }
         }
         Int8Form::Native
+    }
+}
+
+impl std::str::FromStr for Int8Form {
+    type Err = String;
+
+    /// `native`, `fused`, `i32`, `f32` or `dequantized`, as `PE_CLIP_INT8_MATMUL` names them.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "native" => Int8Form::Native,
+            "fused" => Int8Form::Fused,
+            "i32" => Int8Form::Widened(Widening::I32),
+            "f32" => Int8Form::Widened(Widening::F32),
+            "dequantized" => Int8Form::Dequantized,
+            other => {
+                return Err(format!(
+                    "int8 form {other:?} (native, fused, i32, f32, dequantized)"
+                ))
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for Int8Form {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Int8Form::Native => "native",
+            Int8Form::Fused => "fused",
+            Int8Form::Widened(Widening::I32) => "i32",
+            Int8Form::Widened(Widening::F32) => "f32",
+            Int8Form::Dequantized => "dequantized",
+        })
     }
 }
 
@@ -315,12 +345,23 @@ impl StepModel {
 
     /// Load ONNX bytes to run on `device`.
     pub fn from_onnx_on(bytes: &[u8], context: &str, device: Device) -> Result<Self> {
+        Self::from_onnx_in(bytes, context, device, None)
+    }
+
+    /// Load ONNX bytes to run on `device`, the int8 products in `form` on the CPU (`None`: as
+    /// [`Int8Form::for_this_cpu`] picks).
+    pub fn from_onnx_in(
+        bytes: &[u8],
+        context: &str,
+        device: Device,
+        form: Option<Int8Form>,
+    ) -> Result<Self> {
         let err = |e: TractError| Error::engine(context, e);
         let device = device.resolve(context)?;
         // On the GPU the int8 layers run as f32 products (tract-cuda has cuBLAS for those).
         let form = match device {
             Device::Gpu => Int8Form::Widened(Widening::F32),
-            _ => Int8Form::for_this_cpu(),
+            _ => form.unwrap_or_else(Int8Form::for_this_cpu),
         };
         let bytes = in_int8_form(bytes, form, context);
         let bytes = match device {
@@ -549,9 +590,14 @@ impl Package {
 
     /// [`Package::step_model`] on `device`.
     pub fn step_model_on(&self, device: Device) -> Result<StepModel> {
+        self.step_model_in(device, None)
+    }
+
+    /// [`Package::step_model_on`] with the int8 products in `form` (`None`: this CPU's).
+    pub fn step_model_in(&self, device: Device, form: Option<Int8Form>) -> Result<StepModel> {
         let bytes = self.model_bytes()?;
         let context = self.model_path().display().to_string();
-        self.checked(StepModel::from_onnx_on(&bytes, &context, device)?)
+        self.checked(StepModel::from_onnx_in(&bytes, &context, device, form)?)
     }
 
     /// Load a variant of the step model (`bytes`: e.g. with calibration taps) and check it

@@ -29,6 +29,15 @@ impl std::fmt::Debug for Embedded {
 }
 
 impl Package {
+    /// The package in `dir`, or the built-in demo package where `dir` is `demo`.
+    pub fn open_or_demo(dir: &std::path::Path) -> Result<Self> {
+        if dir == std::path::Path::new("demo") {
+            Self::embedded_demo()
+        } else {
+            Self::open(dir)
+        }
+    }
+
     /// The demo package built into the binary, verified like one on disk.
     pub fn embedded_demo() -> Result<Self> {
         let dir = PathBuf::from(DEMO_PACKAGE_NAME);

@@ -28,6 +28,47 @@ fn run_without_a_source_is_the_deterministic_demo() {
     assert!(err.contains("400 frames") && err.contains("p95"), "{err}");
 }
 
+/// `bench step --int8-forms`: the int8 package timed once per form in one run, each timing
+/// naming its form, with each later form's step time against the first's; an unknown form is
+/// refused by name.
+#[test]
+fn bench_step_times_each_int8_form_side_by_side() {
+    let o = bin()
+        .args([
+            "bench",
+            "step",
+            "--package",
+            "demo",
+            "--int8-forms",
+            "native,fused",
+        ])
+        .args(["--steps", "2", "--threads", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let forms: Vec<&str> = v["timings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["int8_form"].as_str().unwrap())
+        .collect();
+    assert_eq!(forms, ["native", "fused"], "{v}");
+    let r = &v["ratios"][0];
+    assert_eq!(
+        (r["int8_form"].as_str(), r["over_int8_form"].as_str()),
+        (Some("fused"), Some("native")),
+        "{v}"
+    );
+    assert!(r["step_time_ratio"].as_f64().unwrap() > 0.0, "{v}");
+    let o = bin()
+        .args(["bench", "step", "--package", "demo", "--int8-forms", "fast"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("\"fast\""), "{}", stderr(&o));
+}
+
 /// `info --package demo --cost`: the demo's int8 and f32 products counted, and the kernels of
 /// this CPU's plan carry every one of those multiply-accumulates, in each int8 form (the fused
 /// one a few more).

@@ -2,7 +2,7 @@
 
 #[derive(Debug, clap::Args)]
 pub(super) struct StepArgs {
-    /// A package to time (repeatable).
+    /// A package to time (repeatable; `demo`: the built-in one).
     #[arg(long = "package", value_name = "PACKAGE_DIR")]
     packages: Vec<std::path::PathBuf>,
     /// Instead: export this shape (tiny, vit-b16, vit-b32) with random weights as f32 and as int8
@@ -35,6 +35,11 @@ pub(super) struct StepArgs {
     /// Thread counts for tract's matmuls.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
+    /// Time each int8 package once per form of its int8 products (native, fused, i32, f32,
+    /// dequantized: as `PE_CLIP_INT8_MATMUL` names them), steps interleaved with the others',
+    /// to see in one run which form is fastest on this CPU. Default: the form this CPU picks.
+    #[arg(long, value_delimiter = ',')]
+    int8_forms: Vec<crate::engine::Int8Form>,
     /// Where the steps run: cpu, gpu or auto (as `pe-clip run --device`).
     #[arg(long, default_value = "cpu")]
     device: crate::engine::Device,
@@ -48,6 +53,8 @@ pub(super) struct StepArgs {
 pub(super) struct StepTiming {
     package: String,
     precision: String,
+    /// The form of an int8 package's products (`native`, `fused`, ...).
+    int8_form: Option<String>,
     model_bytes: u64,
     threads: usize,
     steps: usize,
@@ -56,15 +63,40 @@ pub(super) struct StepTiming {
     min_ms: f64,
 }
 
-/// A package, its step model with tract on `threads` threads, and a fixed test frame.
+/// One thing to time: a package, and for an int8 one the form of its products (`None`: this
+/// CPU's).
+type Unit = (std::path::PathBuf, Option<crate::engine::Int8Form>);
+
+/// The units of `dirs`: each int8 package once per form of `forms` (if any), the others once.
+fn units(
+    dirs: &[std::path::PathBuf],
+    forms: &[crate::engine::Int8Form],
+) -> anyhow::Result<Vec<Unit>> {
+    let mut out = Vec::new();
+    for dir in dirs {
+        let int8 = crate::package::Package::open_or_demo(dir)?
+            .manifest
+            .precision
+            .to_string()
+            == "int8";
+        match int8 && !forms.is_empty() {
+            true => out.extend(forms.iter().map(|&f| (dir.clone(), Some(f)))),
+            false => out.push((dir.clone(), None)),
+        }
+    }
+    Ok(out)
+}
+
+/// A package, its step model with tract on `threads` threads (int8 products in `form`), and a
+/// fixed test frame.
 fn load_for_timing(
-    dir: &std::path::Path,
+    (dir, form): &Unit,
     threads: usize,
     device: crate::engine::Device,
 ) -> anyhow::Result<(crate::package::Package, crate::engine::StepModel, Vec<u8>)> {
     crate::engine::set_threads(threads);
-    let pkg = crate::package::Package::open(dir)?;
-    let model = pkg.step_model_on(device)?;
+    let pkg = crate::package::Package::open_or_demo(dir)?;
+    let model = pkg.step_model_in(device, *form)?;
     let s = model.image_size();
     let frame = (0..s * s * 3)
         .map(|i| ((i * 37 + i / 7) % 251) as u8)
@@ -75,7 +107,7 @@ fn load_for_timing(
 /// Time the packages in `dirs` at `threads`, their steps interleaved (one step of each in turn),
 /// so that a machine whose speed drifts during the run slows them alike and their ratios hold.
 fn time_packages(
-    dirs: &[std::path::PathBuf],
+    dirs: &[Unit],
     threads: usize,
     steps: usize,
     device: crate::engine::Device,
@@ -97,12 +129,21 @@ fn time_packages(
         }
     }
     let mut rows = Vec::with_capacity(dirs.len());
-    for (dir, (pkg, _, _, _, mut ms)) in dirs.iter().zip(loaded) {
+    for ((dir, form), (pkg, _, _, _, mut ms)) in dirs.iter().zip(loaded) {
         ms.sort_by(f64::total_cmp);
+        let precision = pkg.manifest.precision.to_string();
+        let int8_form = (precision == "int8" && device != crate::engine::Device::Gpu).then(|| {
+            form.unwrap_or_else(crate::engine::Int8Form::for_this_cpu)
+                .to_string()
+        });
         rows.push(StepTiming {
             package: dir.display().to_string(),
-            precision: pkg.manifest.precision.to_string(),
-            model_bytes: std::fs::metadata(pkg.model_path())?.len(),
+            precision,
+            int8_form,
+            model_bytes: match pkg.is_embedded() {
+                true => pkg.model_bytes()?.len() as u64,
+                false => std::fs::metadata(pkg.model_path())?.len(),
+            },
             threads,
             steps,
             median_ms: ms[ms.len() / 2],
@@ -132,6 +173,7 @@ pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
         None if a.packages.is_empty() => anyhow::bail!("give --package DIR or --arch ARCH"),
         None => a.packages.clone(),
     };
+    let packages = units(&packages, &a.int8_forms)?;
     if a.profile {
         for (&t, p) in a
             .threads
@@ -143,9 +185,10 @@ pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
             model.step(&frame, &mut state)?;
             let ops = model.profile_step(&frame, &mut state)?;
             let total: f64 = ops.iter().map(|o| o.1).sum();
+            let form = p.1.map(|f| format!(", int8 form {f}")).unwrap_or_default();
             eprintln!(
-                "{} ({}), {t} thread(s): {total:.1} ms per step by operator",
-                p.display(),
+                "{} ({}{form}), {t} thread(s): {total:.1} ms per step by operator",
+                p.0.display(),
                 pkg.manifest.precision
             );
             for (op, ms) in ops.iter().take(12) {
@@ -162,8 +205,12 @@ pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
     for &t in &a.threads {
         for r in time_packages(&packages, t, a.steps, device)? {
             if !a.json {
+                let form = match &r.int8_form {
+                    Some(f) => format!(", {f}"),
+                    None => String::new(),
+                };
                 println!(
-                    "{} ({}, {:.1} MB): {} thread(s): median {:.2} ms, p90 {:.2} ms, min {:.2} ms",
+                    "{} ({}{form}, {:.1} MB): {} thread(s): median {:.2} ms, p90 {:.2} ms, min {:.2} ms",
                     r.package,
                     r.precision,
                     r.model_bytes as f64 / 1e6,
@@ -210,6 +257,38 @@ pub(super) fn run_step(a: StepArgs) -> anyhow::Result<u8> {
             "over_f32_size": size,
             "speedup": speed,
         }));
+    }
+    // With several int8 forms: each one's step time against the first's, per package.
+    if a.int8_forms.len() > 1 {
+        let first = a.int8_forms[0].to_string();
+        for later in &a.int8_forms[1..] {
+            let later = later.to_string();
+            for &t in &a.threads {
+                for base in rows
+                    .iter()
+                    .filter(|r| r.threads == t && r.int8_form.as_deref() == Some(first.as_str()))
+                {
+                    let Some(other) = rows.iter().find(|r| {
+                        r.threads == t
+                            && r.package == base.package
+                            && r.int8_form.as_deref() == Some(later.as_str())
+                    }) else {
+                        continue;
+                    };
+                    let x = other.median_ms / base.median_ms;
+                    if !a.json {
+                        println!(
+                            "{}: int8 {later} / {first} step time {x:.2} at {t} thread(s)",
+                            base.package
+                        );
+                    }
+                    ratios.push(serde_json::json!({
+                        "package": base.package, "threads": t,
+                        "int8_form": later, "over_int8_form": first, "step_time_ratio": x,
+                    }));
+                }
+            }
+        }
     }
     if a.json {
         println!(
