@@ -1065,6 +1065,45 @@ mod tests {
         }
     }
 
+    /// What the fused layer must not absorb: slices one of which is a graph output, and a
+    /// QuickGELU whose input something else reads too. The values stay the chain's.
+    #[test]
+    fn fused_int8_linears_leave_what_others_read() {
+        let (rows, inner) = (4, 6);
+        let w: Vec<f32> = (0..30).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x: Vec<f32> = (0..rows * inner).map(|i| (i as f32 * 0.71).cos()).collect();
+        let opts = LinearOpts {
+            bias: None,
+            quantizable: true,
+        };
+        let mut g = Graph::new("kept");
+        let xi = g.input("x", ElemType::F32, &[rows, inner]);
+        let a = g.linear(&xi, "a", &w, 5, inner, opts.clone());
+        let s1 = g.slice(&a, 1, 0, 3);
+        let s2 = g.slice(&a, 1, 3, 5);
+        let d = g.linear(&s2, "d", &w[..6], 3, 2, opts);
+        let gelu = g.quick_gelu(&d);
+        let y2 = g.add(&d, &gelu);
+        // Named as the slice's own output, so no `Identity` stands between.
+        g.output(&s1.clone(), &s1, ElemType::F32, Some(&[rows, 3]));
+        g.output(&y2, "y2", ElemType::F32, Some(&[rows, 3]));
+        let ranges = HashMap::from([
+            ("a".to_string(), LinearRanges { input: 1.0 }),
+            ("d".to_string(), LinearRanges { input: 2.0 }),
+        ]);
+        let m = to_model_proto(&quantize_graph(&g, &ranges, false).0, &[]);
+        let fused = fused_int8_linears(&m).unwrap();
+        let g2 = fused.graph.as_ref().unwrap();
+        let ops = |t: &str| g2.node.iter().filter(|n| n.op_type == t).count();
+        assert_eq!((ops(OP_TYPE), ops("Slice"), ops("Sigmoid")), (2, 2, 1));
+        assert!(g2
+            .node
+            .iter()
+            .all(|n| n.op_type != OP_TYPE || n.output.len() == 1));
+        let run = |m: &pb::ModelProto| run_once(m, &[rows, inner], &x);
+        assert_eq!(run(&m), run(&fused));
+    }
+
     /// Two random layers (one with a bias) at sizes off the fused kernel's 6 x 16 tile, inputs
     /// partly beyond the calibrated range: the fused operator gives the int8 chain's outputs
     /// bit for bit, per tensor and per column; a nonzero zero point is refused by name.

@@ -456,7 +456,8 @@ fn quick_gelu_after(g: &pb::GraphProto, x: &str) -> Result<Option<QuickGelu>, On
         let Some(alpha) = other(scale, x).and_then(|c| initializer(g, &c).cloned()) else {
             continue;
         };
-        let [alpha] = f32s(&alpha)?[..] else {
+        // Not a single f32 (a constant of another type, or a tensor): not QuickGELU.
+        let Some(&[alpha]) = f32s(&alpha).ok().as_deref() else {
             continue;
         };
         let sr = readers(&out(scale));
@@ -518,7 +519,7 @@ impl ColumnSlices {
 
 /// The slices of `value` (`[rows, width]`, the output of an int8 layer) if every node reading
 /// it is a `Slice` of axis 1 or -1 with constant single bounds and no step other than 1, and
-/// `value` is no graph output; else `None` (the layer keeps its one output).
+/// neither `value` nor a slice is a graph output; else `None` (the layer keeps its one output).
 fn column_slices(
     g: &pb::GraphProto,
     value: &str,
@@ -574,7 +575,12 @@ fn column_slices(
         if start >= end {
             return Ok(None);
         }
-        let Some(output) = k.output.first() else {
+        // A graph output keeps its own node (a renamed one would name nothing).
+        let Some(output) = k
+            .output
+            .first()
+            .filter(|o| !g.output.iter().any(|x| &x.name == *o))
+        else {
             return Ok(None);
         };
         let at = out.columns.chunks_exact(2).position(|c| c == [start, end]);
