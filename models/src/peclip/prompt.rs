@@ -11,9 +11,14 @@ use super::params::Trainables;
 use crate::clip::layers::Linear;
 use crate::error::Result;
 
-/// Round to the nearest fp16 value and back to f32 (the reference's `.half()`).
+/// Round to the nearest fp16 value and back to f32 (the reference's `.half()`), with the
+/// gradient passed straight through in f32: `x + (round(x) - x)` with the difference detached.
+/// The value is `round(x)` exactly (the difference of two f32 values this close is exact, and
+/// so is adding it back). Through `to_dtype` itself candle would round the gradient to fp16
+/// too, by 2^-11 relative, and differently for each micro-batch of an accumulated step.
 pub fn fp16_round(x: &Tensor) -> Result<Tensor> {
-    Ok(x.to_dtype(DType::F16)?.to_dtype(DType::F32)?)
+    let rounded = x.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+    Ok((x + (rounded - x)?.detach())?)
 }
 
 /// The prompt learner of depth `J`: layer-0 context and projection, `J - 1` deep prompts and

@@ -24,13 +24,13 @@ use super::loader::{epoch_batches, load_batches, rng_for, LoadedBatch};
 use super::schedule::CosineSchedule;
 use super::state::TRAIN_STATE_VERSION;
 use super::state::{read_state, state_path, EpochRecord, TrainConfig, TrainState};
-use super::step::{cross_entropy, Optimizers};
+use super::step::{batch_gradients, Optimizers};
 use crate::augment::{draw_mix, Mix};
 use crate::dataset::{self, Dataset, Split};
 use crate::error::{Error, Result};
 use crate::metrics::Confusion;
 use crate::peclip::checkpoint::{save_run, RunConfig};
-use crate::peclip::{GruMode, PeClip};
+use crate::peclip::PeClip;
 use crate::preprocess::PreprocessSpec;
 
 /// What a training run reports as it goes.
@@ -242,36 +242,18 @@ fn train_batch(
     };
     let (videos, other_labels, lambda) = mix_batch(videos, &labels, &mix, s, &model.clip.device)?;
     // Gradient accumulation over micro-batches.
+    let mix = (lambda < 1.0).then_some((other_labels.as_slice(), lambda));
     let micro = cfg.batch_size / cfg.accumulate;
-    let mut grads: Option<candle_core::backprop::GradStore> = None;
+    let (grads, losses) = batch_gradients(model, &videos, &labels, mix, micro)?;
     let mut batch_loss = 0.0f64;
-    for start in (0..n).step_by(micro.max(1)) {
-        let len = micro.min(n - start);
-        let v = videos.narrow(0, start, len)?;
-        let logits = model.forward(&v, GruMode::PerVideo)?;
-        let ya = &labels[start..start + len];
-        let yb = &other_labels[start..start + len];
-        let loss = if lambda < 1.0 {
-            ((cross_entropy(&logits, ya)? * lambda)?
-                + (cross_entropy(&logits, yb)? * (1.0 - lambda))?)?
-        } else {
-            cross_entropy(&logits, ya)?
-        };
-        let scaled = (loss.clone() * (len as f64 / n as f64))?;
-        let value = f64::from(loss.to_scalar::<f32>()?);
-        tally.loss_sum += value * len as f64;
-        batch_loss += value * len as f64 / n as f64;
+    for (start, loss) in (0..n).step_by(micro.max(1)).zip(&losses) {
+        let len = micro.max(1).min(n - start);
+        tally.loss_sum += loss * len as f64;
         tally.loss_n += len;
-        let g = scaled.backward()?;
-        match &mut grads {
-            None => grads = Some(g),
-            Some(acc) => acc.extend(g)?,
-        }
+        batch_loss += loss * len as f64 / n as f64;
     }
-    if let Some(g) = grads {
-        opt.adapters.step(&g)?;
-        opt.prompts.step(&g)?;
-    }
+    opt.adapters.step(&grads)?;
+    opt.prompts.step(&grads)?;
     Ok(batch_loss)
 }
 
