@@ -234,6 +234,39 @@ fn bench_train_reports_throughput_and_memory() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["steps_per_second"].as_f64().unwrap() > 0.0);
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1_000_000);
+    // Accumulation: micro-batches reported; a batch not divisible by them refused by name.
+    let o = run(&[
+        "bench",
+        "train",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--accumulate",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["clips_per_step"].as_u64(), v["micro_batches"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let o = run(&[
+        "bench",
+        "train",
+        "--steps",
+        "1",
+        "--batch-size",
+        "3",
+        "--accumulate",
+        "2",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--accumulate 2"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Two epochs straight equal one epoch, a stop, and `--resume` for the second: same history,

@@ -87,8 +87,14 @@ pub fn batch_gradients(
     micro: usize,
 ) -> Result<(candle_core::backprop::GradStore, Vec<f64>)> {
     let n = labels.len();
+    if n == 0 {
+        return Err(crate::error::Error::Config("an empty batch".into()));
+    }
     let micro = micro.max(1);
-    let mut grads: Option<candle_core::backprop::GradStore> = None;
+    // candle's backward returns the gradient of every tensor of the graph; across micro-batches
+    // only the trainables' are kept (summed into `acc`, which starts as the store of a constant:
+    // one scalar entry, no trainable), so memory stays at one micro-batch's.
+    let mut acc: Option<candle_core::backprop::GradStore> = None;
     let mut losses = Vec::with_capacity(n.div_ceil(micro));
     for start in (0..n).step_by(micro) {
         let len = micro.min(n - start);
@@ -104,16 +110,27 @@ pub fn batch_gradients(
             }
         };
         losses.push(f64::from(loss.to_scalar::<f32>()?));
-        let g = match len == n {
-            true => loss.backward()?,
-            false => (loss * (len as f64 / n as f64))?.backward()?,
+        if len == n {
+            return Ok((loss.backward()?, losses));
+        }
+        let g = (loss * (len as f64 / n as f64))?.backward()?;
+        let acc = match &mut acc {
+            Some(a) => a,
+            None => {
+                acc.insert(Tensor::zeros((), candle_core::DType::F32, videos.device())?.backward()?)
+            }
         };
-        match &mut grads {
-            None => grads = Some(g),
-            Some(acc) => acc.extend(g)?,
+        for (_, var) in model.trainables.named_vars() {
+            if let Some(gv) = g.get(var.as_tensor()) {
+                let sum = match acc.get(var.as_tensor()) {
+                    Some(a) => (a + gv)?,
+                    None => gv.clone(),
+                };
+                acc.insert(var.as_tensor(), sum);
+            }
         }
     }
-    let grads = grads.ok_or_else(|| crate::error::Error::Config("an empty batch".into()))?;
+    let grads = acc.expect("a nonempty batch has a micro-batch");
     Ok((grads, losses))
 }
 

@@ -11,6 +11,10 @@ pub(super) struct TrainArgs {
     /// Clips per step.
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
+    /// Gradient accumulation: micro-batches per step, as `pe-clip train --accumulate` (only
+    /// one micro-batch's activations are alive at a time).
+    #[arg(long, default_value_t = 1)]
+    accumulate: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -23,10 +27,17 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     use pe_clip_models::peclip::random::{random_peclip, RandomPeClip};
     use pe_clip_models::peclip::PeClipConfig;
     use pe_clip_models::rng::SeededRng;
-    use pe_clip_models::train::{train_step, Optimizers};
+    use pe_clip_models::train::{batch_gradients, Optimizers};
 
-    if a.steps == 0 || a.batch_size == 0 {
-        anyhow::bail!("--steps and --batch-size must be at least 1");
+    if a.steps == 0 || a.batch_size == 0 || a.accumulate == 0 {
+        anyhow::bail!("--steps, --batch-size and --accumulate must be at least 1");
+    }
+    if !a.batch_size.is_multiple_of(a.accumulate) {
+        anyhow::bail!(
+            "--batch-size {} is not a multiple of --accumulate {}",
+            a.batch_size,
+            a.accumulate
+        );
     }
     let arch: Arch = a.arch.parse().map_err(anyhow::Error::msg)?;
     let cfg = ClipConfig::preset(arch);
@@ -51,10 +62,17 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         &Device::Cpu,
     )?;
     let labels: Vec<u32> = (0..a.batch_size as u32).map(|i| i % 7).collect();
-    train_step(&model, &mut opt, &videos, &labels, None)?; // warm-up
+    let micro = a.batch_size / a.accumulate;
+    let mut step = || -> anyhow::Result<()> {
+        let (grads, _) = batch_gradients(&model, &videos, &labels, None, micro)?;
+        opt.adapters.step(&grads)?;
+        opt.prompts.step(&grads)?;
+        Ok(())
+    };
+    step()?; // warm-up
     let t = std::time::Instant::now();
     for _ in 0..a.steps {
-        train_step(&model, &mut opt, &videos, &labels, None)?;
+        step()?;
     }
     let secs = t.elapsed().as_secs_f64();
     let steps_per_s = a.steps as f64 / secs;
@@ -64,6 +82,7 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
             "{}",
             serde_json::json!({
                 "bench": "train", "arch": a.arch, "clips_per_step": a.batch_size,
+                "micro_batches": a.accumulate,
                 "frames_per_clip": 16, "steps": a.steps, "seconds": secs,
                 "steps_per_second": steps_per_s, "peak_rss_bytes": peak,
                 "threads": rayon::current_num_threads(),
@@ -71,11 +90,12 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         );
     } else {
         println!(
-            "train {}: {:.3} steps/s ({:.2} s/step, {} clip(s) x 16 frames), peak RSS {}",
+            "train {}: {:.3} steps/s ({:.2} s/step, {} clip(s) x 16 frames in {} micro-batch(es)), peak RSS {}",
             a.arch,
             steps_per_s,
             secs / a.steps as f64,
             a.batch_size,
+            a.accumulate,
             peak.map_or("unknown".into(), |b| format!("{:.2} GB", b as f64 / 1e9))
         );
     }
