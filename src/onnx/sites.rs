@@ -343,7 +343,8 @@ fn replace_chain(g: &mut pb::GraphProto, mut chain: Vec<usize>, nodes: Vec<pb::N
 /// registers in tract: inputs `x` (f32, `[.., in]`), `x_scale` (f32 scalar), `weight_q` (int8
 /// `[in, out]`), `rescale` (f32, 1 or `out` values), optionally `bias_q` (int32 `[out]`); one f32
 /// output `[.., out]`, or with the attribute `columns` (ints `s0, e0, s1, e1, ..`) one output
-/// `[.., e_i - s_i]` per column range `s_i..e_i` (only those columns are computed).
+/// `[.., e_i - s_i]` per column range `s_i..e_i` (only those columns are computed); with the
+/// attribute `quick_gelu_alpha` (float, one output only) the output is `y · σ(alpha · y)`.
 pub const FUSED_OP_TYPE: &str = "PeClipInt8Linear";
 /// The ONNX domain of [`FUSED_OP_TYPE`]: only pe-clip's own loader reads it.
 pub const FUSED_DOMAIN: &str = "ai.pe-clip";
@@ -418,6 +419,18 @@ pub fn fused_int8_linears(m: &pb::ModelProto) -> Result<pb::ModelProto, OnnxErro
     Ok(out)
 }
 
+/// The nodes of `g` that read `value`.
+fn readers<'a>(g: &'a pb::GraphProto, value: &str) -> Vec<&'a pb::NodeProto> {
+    g.node
+        .iter()
+        .filter(|k| k.input.iter().any(|i| i == value))
+        .collect()
+}
+
+fn is_graph_output(g: &pb::GraphProto, value: &str) -> bool {
+    g.output.iter().any(|o| o.name == value)
+}
+
 /// CLIP's QuickGELU `y = x · σ(alpha · x)` as `Graph::quick_gelu` writes it after a layer:
 /// `Mul(x, alpha) → Sigmoid → Mul(x, ·)`, the only readers of `x` and of each other.
 struct QuickGelu {
@@ -430,13 +443,8 @@ struct QuickGelu {
 
 /// The QuickGELU that is all that reads `x`, if it is.
 fn quick_gelu_after(g: &pb::GraphProto, x: &str) -> Result<Option<QuickGelu>, OnnxError> {
-    let readers = |v: &str| -> Vec<&pb::NodeProto> {
-        g.node
-            .iter()
-            .filter(|k| k.input.iter().any(|i| i == v))
-            .collect()
-    };
-    let is_output = |v: &str| g.output.iter().any(|o| o.name == v);
+    let readers = |v: &str| readers(g, v);
+    let is_output = |v: &str| is_graph_output(g, v);
     let other = |k: &pb::NodeProto, v: &str| -> Option<String> {
         match k.input.as_slice() {
             [a, b] if a == v && b != v => Some(b.clone()),
@@ -525,14 +533,10 @@ fn column_slices(
     value: &str,
     width: usize,
 ) -> Result<Option<ColumnSlices>, OnnxError> {
-    if g.output.iter().any(|o| o.name == value) {
+    if is_graph_output(g, value) {
         return Ok(None);
     }
-    let readers: Vec<&pb::NodeProto> = g
-        .node
-        .iter()
-        .filter(|k| k.input.iter().any(|i| i == value))
-        .collect();
+    let readers = readers(g, value);
     if readers.is_empty() {
         return Ok(None);
     }
@@ -576,11 +580,7 @@ fn column_slices(
             return Ok(None);
         }
         // A graph output keeps its own node (a renamed one would name nothing).
-        let Some(output) = k
-            .output
-            .first()
-            .filter(|o| !g.output.iter().any(|x| &x.name == *o))
-        else {
+        let Some(output) = k.output.first().filter(|o| !is_graph_output(g, o)) else {
             return Ok(None);
         };
         let at = out.columns.chunks_exact(2).position(|c| c == [start, end]);

@@ -246,8 +246,7 @@ fn train_batch(
     let micro = cfg.batch_size / cfg.accumulate;
     let (grads, losses) = batch_gradients(model, &videos, &labels, mix, micro)?;
     let mut batch_loss = 0.0f64;
-    for (start, loss) in (0..n).step_by(micro.max(1)).zip(&losses) {
-        let len = micro.max(1).min(n - start);
+    for (loss, len) in losses {
         tally.loss_sum += loss * len as f64;
         tally.loss_n += len;
         batch_loss += loss * len as f64 / n as f64;

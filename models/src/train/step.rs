@@ -70,7 +70,7 @@ pub fn train_step(
     let (grads, losses) = batch_gradients(model, videos, labels, mix, n)?;
     opt.adapters.step(&grads)?;
     opt.prompts.step(&grads)?;
-    Ok(losses[0] as f32)
+    Ok(losses[0].0 as f32)
 }
 
 /// The gradients of the batch's mean loss (as [`train_step`] defines it) accumulated over
@@ -78,14 +78,14 @@ pub fn train_step(
 /// of the batch, backward, the gradient stores summed. Only one micro-batch's activations are
 /// alive at a time; the sum is the full batch's gradient up to f32 rounding (test
 /// `accumulated_gradients_equal_the_full_batch`). Returns the gradients and each micro-batch's
-/// mean loss.
+/// mean loss with its number of clips.
 pub fn batch_gradients(
     model: &PeClip,
     videos: &Tensor,
     labels: &[u32],
     mix: Option<(&[u32], f64)>,
     micro: usize,
-) -> Result<(candle_core::backprop::GradStore, Vec<f64>)> {
+) -> Result<(candle_core::backprop::GradStore, Vec<(f64, usize)>)> {
     let n = labels.len();
     if n == 0 {
         return Err(crate::error::Error::Config("an empty batch".into()));
@@ -109,7 +109,7 @@ pub fn batch_gradients(
                     + (cross_entropy(&logits, yb)? * (1.0 - lambda))?)?
             }
         };
-        losses.push(f64::from(loss.to_scalar::<f32>()?));
+        losses.push((f64::from(loss.to_scalar::<f32>()?), len));
         if len == n {
             return Ok((loss.backward()?, losses));
         }
@@ -140,9 +140,6 @@ mod tests {
     use crate::peclip::model::tests::{tiny_model, videos};
     use crate::peclip::PeClipConfig;
 
-    /// A few steps on a fixed tiny batch: the loss falls (the fast CI check of learning). Noise
-    /// videos through a random backbone give similar features, so the floor is near ln 4; the
-    /// run is deterministic and must fall by at least 0.1 nats.
     /// Gradient accumulation gives the full batch's update: the summed gradients of micro-batches
     /// of 1, 2 and 3 clips (an uneven split) equal those of the whole batch of 4 within 1e-5,
     /// plain and mixed (measured: 1.4e-6 at most, of gradients up to 0.03; the random backbone's
@@ -183,21 +180,22 @@ mod tests {
                     .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
                 assert!(worst <= 1e-5, "micro {micro}: {worst} (largest {largest})");
                 // The clip-weighted mean of the micro-batch losses is the batch loss.
-                let sizes: Vec<usize> = (0..4).step_by(micro).map(|s| micro.min(4 - s)).collect();
-                let mean: f64 = losses
-                    .iter()
-                    .zip(&sizes)
-                    .map(|(l, &k)| l * k as f64)
-                    .sum::<f64>()
-                    / 4.0;
+                let clips: Vec<usize> = losses.iter().map(|l| l.1).collect();
+                let want_clips: Vec<usize> =
+                    (0..4).step_by(micro).map(|s| micro.min(4 - s)).collect();
+                assert_eq!(clips, want_clips);
+                let mean = losses.iter().map(|(l, k)| l * *k as f64).sum::<f64>() / 4.0;
                 assert!(
-                    (mean - full_loss[0]).abs() < 1e-5,
+                    (mean - full_loss[0].0).abs() < 1e-5,
                     "{mean} vs {full_loss:?}"
                 );
             }
         }
     }
 
+    /// A few steps on a fixed tiny batch: the loss falls (the fast CI check of learning). Noise
+    /// videos through a random backbone give similar features, so the floor is near ln 4; the
+    /// run is deterministic and must fall by at least 0.1 nats.
     #[test]
     fn loss_falls_on_a_tiny_batch() {
         let m = tiny_model(PeClipConfig::default(), 21);
