@@ -26,6 +26,11 @@ pub struct Args {
     /// Gradient accumulation: micro-batches per step (the batch is split into this many parts).
     #[arg(long, default_value_t = 1)]
     accumulate: usize,
+    /// What the backward pass recomputes: none (keep every activation) or blocks (keep each
+    /// vision block's input, recompute its activations in backward: far less memory, one more
+    /// vision forward per step; the same update).
+    #[arg(long, default_value = "none", value_parser = ["none", "blocks"])]
+    recompute: String,
     /// Learning rate of the adapters.
     #[arg(long, default_value_t = 2e-4)]
     lr_adapters: f64,
@@ -74,6 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         epochs: args.epochs,
         batch_size: args.batch_size,
         accumulate: args.accumulate,
+        recompute: args.recompute.parse()?,
         adapter_lr: args.lr_adapters,
         prompt_lr: args.lr_prompts,
         warmup_epochs: args.warmup_epochs,

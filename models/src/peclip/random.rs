@@ -38,10 +38,15 @@ pub struct RandomPeClip {
 /// Write the random backbone to `dir` (an HF-layout CLIP directory, kept for the caller) and build
 /// the PE-CLIP on it, with the default classes, on the CPU.
 pub fn random_peclip(dir: &Path, r: &RandomPeClip) -> Result<PeClip> {
+    random_peclip_on(dir, r, &Device::Cpu)
+}
+
+/// [`random_peclip`] on `device` (the same values: the weights are drawn on the CPU).
+pub fn random_peclip_on(dir: &Path, r: &RandomPeClip, device: &Device) -> Result<PeClip> {
     write_random_model(dir, &r.backbone, r.seed)?;
-    let clip = ClipModel::load(dir, &Device::Cpu)?;
+    let clip = ClipModel::load(dir, device)?;
     let specs = trainable_specs(&r.config, &clip.config);
-    let mut trainables = Trainables::init(specs, r.seed, &Device::Cpu)?;
+    let mut trainables = Trainables::init(specs, r.seed, device)?;
     if r.inference {
         trainables = trainables.into_inference();
     }

@@ -13,4 +13,4 @@ pub use optim::{AdamW, AdamWParams};
 pub use run::{train, Progress, ProgressCallback, TrainJob};
 pub use schedule::CosineSchedule;
 pub use state::{read_state, EpochRecord, TrainConfig, TrainState, TRAIN_STATE_VERSION};
-pub use step::{batch_gradients, cross_entropy, train_step, Optimizers};
+pub use step::{batch_gradients, cross_entropy, train_step, GradientPlan, Optimizers, Recompute};

@@ -24,7 +24,7 @@ use super::loader::{epoch_batches, load_batches, rng_for, LoadedBatch};
 use super::schedule::CosineSchedule;
 use super::state::TRAIN_STATE_VERSION;
 use super::state::{read_state, state_path, EpochRecord, TrainConfig, TrainState};
-use super::step::{batch_gradients, Optimizers};
+use super::step::{batch_gradients, GradientPlan, Optimizers};
 use crate::augment::{draw_mix, Mix};
 use crate::dataset::{self, Dataset, Split};
 use crate::error::{Error, Result};
@@ -151,7 +151,13 @@ fn resume_from(
     let train_dir = out.join("train");
     let st = read_state(out)?
         .ok_or_else(|| Error::invalid(out, "nothing to resume: no train/state.json"))?;
-    if st.config != *cfg {
+    // Recomputation trades memory for time and gives the same update: a run may resume with
+    // another choice (on a machine with less memory, say).
+    let same = TrainConfig {
+        recompute: cfg.recompute,
+        ..st.config.clone()
+    };
+    if same != *cfg {
         return Err(Error::invalid(
             state_path(out),
             "the training options differ from the run being resumed",
@@ -243,8 +249,11 @@ fn train_batch(
     let (videos, other_labels, lambda) = mix_batch(videos, &labels, &mix, s, &model.clip.device)?;
     // Gradient accumulation over micro-batches.
     let mix = (lambda < 1.0).then_some((other_labels.as_slice(), lambda));
-    let micro = cfg.batch_size / cfg.accumulate;
-    let (grads, losses) = batch_gradients(model, &videos, &labels, mix, micro)?;
+    let plan = GradientPlan {
+        micro: cfg.batch_size / cfg.accumulate,
+        recompute: cfg.recompute,
+    };
+    let (grads, losses) = batch_gradients(model, &videos, &labels, mix, plan)?;
     let mut batch_loss = 0.0f64;
     for (loss, len) in losses {
         tally.loss_sum += loss * len as f64;

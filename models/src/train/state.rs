@@ -20,6 +20,8 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Gradient accumulation: micro-batches per step.
     pub accumulate: usize,
+    /// What the backward pass recomputes (memory for time; the same update).
+    pub recompute: super::step::Recompute,
     pub adapter_lr: f64,
     pub prompt_lr: f64,
     pub warmup_epochs: usize,
@@ -48,6 +50,7 @@ impl Default for TrainConfig {
             epochs: 30,
             batch_size: 8,
             accumulate: 1,
+            recompute: super::step::Recompute::None,
             adapter_lr: 2e-4,
             prompt_lr: 3e-5,
             warmup_epochs: 3,

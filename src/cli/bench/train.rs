@@ -15,6 +15,12 @@ pub(super) struct TrainArgs {
     /// one micro-batch's activations are alive at a time).
     #[arg(long, default_value_t = 1)]
     accumulate: usize,
+    /// What the backward pass recomputes, as `pe-clip train --recompute`: none or blocks.
+    #[arg(long, default_value = "none", value_parser = ["none", "blocks"])]
+    recompute: String,
+    /// Compute device: cpu, or cuda (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -22,12 +28,12 @@ pub(super) struct TrainArgs {
 
 #[cfg(feature = "train")]
 pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
-    use candle_core::{Device, Tensor};
+    use candle_core::Tensor;
     use pe_clip_models::clip::{Arch, ClipConfig};
-    use pe_clip_models::peclip::random::{random_peclip, RandomPeClip};
+    use pe_clip_models::peclip::random::{random_peclip_on, RandomPeClip};
     use pe_clip_models::peclip::PeClipConfig;
     use pe_clip_models::rng::SeededRng;
-    use pe_clip_models::train::{batch_gradients, Optimizers};
+    use pe_clip_models::train::{batch_gradients, GradientPlan, Optimizers, Recompute};
 
     if a.steps == 0 || a.batch_size == 0 || a.accumulate == 0 {
         anyhow::bail!("--steps, --batch-size and --accumulate must be at least 1");
@@ -42,7 +48,8 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     let arch: Arch = a.arch.parse().map_err(anyhow::Error::msg)?;
     let cfg = ClipConfig::preset(arch);
     let dir = tempfile::tempdir()?;
-    let model = random_peclip(
+    let device = crate::cli::zero_shot::device_from_name(&a.device)?;
+    let model = random_peclip_on(
         dir.path(),
         &RandomPeClip {
             backbone: cfg.clone(),
@@ -51,6 +58,7 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
             inference: false,
             perturb: None,
         },
+        &device,
     )?;
     let mut opt = Optimizers::new(&model, 2e-4, 3e-5)?;
     let s = cfg.vision_config.image_size;
@@ -59,21 +67,26 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     let videos = Tensor::from_vec(
         (0..n).map(|_| rng.uniform() as f32).collect::<Vec<f32>>(),
         (a.batch_size, 16, 3, s, s),
-        &Device::Cpu,
+        &device,
     )?;
     let labels: Vec<u32> = (0..a.batch_size as u32).map(|i| i % 7).collect();
-    let micro = a.batch_size / a.accumulate;
+    let plan = GradientPlan {
+        micro: a.batch_size / a.accumulate,
+        recompute: a.recompute.parse::<Recompute>()?,
+    };
     let mut step = || -> anyhow::Result<()> {
-        let (grads, _) = batch_gradients(&model, &videos, &labels, None, micro)?;
+        let (grads, _) = batch_gradients(&model, &videos, &labels, None, plan)?;
         opt.adapters.step(&grads)?;
         opt.prompts.step(&grads)?;
         Ok(())
     };
     step()?; // warm-up
+    device.synchronize()?;
     let t = std::time::Instant::now();
     for _ in 0..a.steps {
         step()?;
     }
+    device.synchronize()?;
     let secs = t.elapsed().as_secs_f64();
     let steps_per_s = a.steps as f64 / secs;
     let peak = super::peak_rss_bytes();
@@ -81,8 +94,8 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         println!(
             "{}",
             serde_json::json!({
-                "bench": "train", "arch": a.arch, "clips_per_step": a.batch_size,
-                "micro_batches": a.accumulate,
+                "bench": "train", "arch": a.arch, "device": a.device, "clips_per_step": a.batch_size,
+                "micro_batches": a.accumulate, "recompute": a.recompute,
                 "frames_per_clip": 16, "steps": a.steps, "seconds": secs,
                 "steps_per_second": steps_per_s, "peak_rss_bytes": peak,
                 "threads": rayon::current_num_threads(),
@@ -90,12 +103,14 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         );
     } else {
         println!(
-            "train {}: {:.3} steps/s ({:.2} s/step, {} clip(s) x 16 frames in {} micro-batch(es)), peak RSS {}",
+            "train {} on {}: {:.3} steps/s ({:.2} s/step, {} clip(s) x 16 frames in {} micro-batch(es), recompute {}), peak RSS {}",
             a.arch,
+            a.device,
             steps_per_s,
             secs / a.steps as f64,
             a.batch_size,
             a.accumulate,
+            a.recompute,
             peak.map_or("unknown".into(), |b| format!("{:.2} GB", b as f64 / 1e9))
         );
     }
