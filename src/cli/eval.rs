@@ -30,6 +30,7 @@ pub struct Args {
 
 #[cfg(feature = "train")]
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    crate::cli::keep_large_allocations();
     use anyhow::Context;
     use pe_clip_models::dataset::{self, Split};
     use pe_clip_models::metrics::Confusion;

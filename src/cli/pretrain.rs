@@ -63,6 +63,7 @@ pub struct Args {
 
 #[cfg(feature = "train")]
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    crate::cli::keep_large_allocations();
     use anyhow::Context;
     use pe_clip_models::clip::pretrain::{pretrain, PretrainConfig};
     use pe_clip_models::clip::weights::Weights;

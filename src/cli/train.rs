@@ -69,6 +69,7 @@ pub struct Args {
 
 #[cfg(feature = "train")]
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    crate::cli::keep_large_allocations();
     use anyhow::Context;
     use pe_clip_models::peclip::checkpoint::load_backbone;
     use pe_clip_models::peclip::{trainable_specs, PeClip, RunConfig, Trainables};

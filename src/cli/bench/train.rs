@@ -28,6 +28,7 @@ pub(super) struct TrainArgs {
 
 #[cfg(feature = "train")]
 pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
+    crate::cli::keep_large_allocations();
     use candle_core::Tensor;
     use pe_clip_models::clip::{Arch, ClipConfig};
     use pe_clip_models::peclip::random::{random_peclip_on, RandomPeClip};
