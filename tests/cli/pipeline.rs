@@ -136,7 +136,8 @@ fn eval_reports_metrics_and_writes_the_confusion_image() {
     assert!(svg.contains("<svg") && svg.contains("happiness") && svg.contains("UAR"));
 }
 
-/// `pretrain` writes an HF CLIP directory that `train --arch DIR` adapts PE-CLIP on, and
+/// `pretrain` writes an HF CLIP directory that `train --arch DIR` adapts PE-CLIP on (blocks
+/// recomputed in backward), and
 /// `summarize` averages `eval --json` reports.
 #[test]
 fn pretrain_then_train_on_it_then_summarize() {
@@ -191,6 +192,8 @@ fn pretrain_then_train_on_it_then_summarize() {
         "1",
         "--batch-size",
         "7",
+        "--recompute",
+        "blocks",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = run(&[
@@ -244,6 +247,8 @@ fn bench_train_reports_throughput_and_memory() {
         "2",
         "--accumulate",
         "2",
+        "--recompute",
+        "blocks",
         "--json",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -251,6 +256,10 @@ fn bench_train_reports_throughput_and_memory() {
     assert_eq!(
         (v["clips_per_step"].as_u64(), v["micro_batches"].as_u64()),
         (Some(2), Some(2))
+    );
+    assert_eq!(
+        (v["recompute"].as_str(), v["device"].as_str()),
+        (Some("blocks"), Some("cpu"))
     );
     let o = run(&[
         "bench",
