@@ -100,9 +100,11 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
                 "frames_per_clip": 16, "steps": a.steps, "seconds": secs,
                 "steps_per_second": steps_per_s, "peak_rss_bytes": peak,
                 "threads": rayon::current_num_threads(),
+                "machine": crate::engine::machine(),
             })
         );
     } else {
+        println!("machine: {}", crate::engine::machine());
         println!(
             "train {} on {}: {:.3} steps/s ({:.2} s/step, {} clip(s) x 16 frames in {} micro-batch(es), recompute {}), peak RSS {}",
             a.arch,
