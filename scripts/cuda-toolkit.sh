@@ -3,10 +3,12 @@
 # cache folder, with no GPU and no root:
 #   nvcc, ptxas, headers (candle-kernels compiles its .cu files to PTX at build time),
 #   cuBLAS, cuBLASLt, cuRAND, NVRTC (candle's cudarc links them dynamically),
+#   NCCL 2.30 (the `nccl` feature links it: data-parallel training over several GPUs),
 #   and a link stub libcuda.so made here from cuda.h (the driver itself comes with the GPU's
 #   driver at run time; the stub only satisfies the linker, like the toolkit's lib64/stubs).
 # The binary then needs at run time the driver's libcuda.so.1 and the toolkit's libcublas.so.13,
-# libcublasLt, libcurand.so.10, libnvrtc.so.13, libcudart.so.13 ($CUDA_ROOT/lib here).
+# libcublasLt, libcurand.so.10, libnvrtc.so.13, libcudart.so.13 and, built with `nccl`,
+# libnccl.so.2 ($CUDA_ROOT/lib here).
 #
 #   scripts/cuda-toolkit.sh [DIR]        # DIR defaults to $PE_CLIP_CUDA_HOME or ~/.cache/pe-clip/cuda-13.0
 #
@@ -17,7 +19,7 @@ set -euo pipefail
 
 dir="${1:-${PE_CLIP_CUDA_HOME:-$HOME/.cache/pe-clip/cuda-13.0}}"
 root="$dir/toolkit"
-if [ ! -x "$root/bin/nvcc" ] || [ ! -e "$root/lib64/libcuda.so" ]; then
+if [ ! -x "$root/bin/nvcc" ] || [ ! -e "$root/lib64/libcuda.so" ] || [ ! -e "$root/lib64/libnccl.so" ]; then
   echo "cuda-toolkit: installing CUDA 13.0 wheels into $dir" >&2
   rm -rf "$dir.partial"
   mkdir -p "$dir.partial"
@@ -25,17 +27,19 @@ if [ ! -x "$root/bin/nvcc" ] || [ ! -e "$root/lib64/libcuda.so" ]; then
   "$dir.partial/venv/bin/pip" install -q --disable-pip-version-check \
     "nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-crt==13.0.88" "nvidia-cuda-runtime==13.0.88" \
     "nvidia-cuda-nvrtc==13.0.88" "nvidia-cuda-cccl==13.0.*" "nvidia-cublas==13.0.2.14" \
-    "nvidia-curand==10.4.0.35" "nvidia-nvvm==13.0.88" >&2
+    "nvidia-curand==10.4.0.35" "nvidia-nvvm==13.0.88" "nvidia-nccl-cu13==2.30.7" >&2
   cu="$(echo "$dir.partial"/venv/lib/python3*/site-packages/nvidia/cu13)"
   [ -x "$cu/bin/nvcc" ] || { echo "cuda-toolkit: no nvcc in $cu" >&2; exit 1; }
   # The wheels keep their files under site-packages; the toolkit is that folder, moved whole
   # (nvcc finds crt/, nvvm/ and include/ relative to itself).
+  nccl="$(dirname "$cu")/nccl/lib/libnccl.so.2"
   mv "$cu" "$dir.partial/toolkit"
+  mv "$nccl" "$dir.partial/toolkit/lib/"
   rm -rf "$dir.partial/venv"
   t="$dir.partial/toolkit"
   mkdir -p "$t/lib64"
   # The linker asks for unversioned names; the wheels ship only the sonames.
-  for lib in cublas cublasLt curand nvrtc cudart; do
+  for lib in cublas cublasLt curand nvrtc cudart nccl; do
     so="$(cd "$t/lib" && ls "lib$lib.so."* | grep -v alt | sort | head -n 1)"
     ln -sf "../lib/$so" "$t/lib64/lib$lib.so"
     ln -sf "../lib/$so" "$t/lib64/$so"

@@ -26,6 +26,10 @@ pub struct Args {
     /// Compute device: cpu, or cuda (needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The dtype the frozen backbone computes in: f32, bf16 or f16 (the adapters, LayerNorm,
+    /// softmax and the logits stay f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    precision: String,
 }
 
 #[cfg(feature = "train")]
@@ -43,6 +47,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let split: Split = args.split.parse().map_err(anyhow::Error::msg)?;
     let device = super::zero_shot::device_from_name(&args.device)?;
     let (model, run) = load_run(&args.checkpoint, &device).context("cannot load the run")?;
+    let precision: pe_clip_models::train::Precision = args.precision.parse()?;
+    let model = model.with_compute_dtype(precision.dtype())?;
     let data = dataset::load(&args.data, split, args.fold, &model.classes)?;
     let text = l2_normalize(&model.text_features()?)?;
     let mut confusion = Confusion::new(model.classes.len());

@@ -31,6 +31,11 @@ pub struct Args {
     /// vision forward per step; the same update).
     #[arg(long, default_value = "none", value_parser = ["none", "blocks"])]
     recompute: String,
+    /// The dtype the frozen backbone computes in: f32, bf16, or f16 (with dynamic loss
+    /// scaling); the trainables, their gradients, the optimiser, LayerNorm, softmax and the
+    /// loss stay f32. bf16 halves the activation memory and runs on a GPU's tensor cores.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    precision: String,
     /// Learning rate of the adapters.
     #[arg(long, default_value_t = 2e-4)]
     lr_adapters: f64,
@@ -62,9 +67,21 @@ pub struct Args {
     stop_after: Option<usize>,
     #[command(flatten)]
     peclip: PeClipArgs,
-    /// Compute device: cpu, or cuda (needs a build with the `cuda` feature).
+    /// Compute device: cpu, cuda or cuda:N (a build with the `cuda` feature); a comma-separated
+    /// list trains data-parallel, one worker thread per device (`cuda:0,cuda:1`; `cpu,cpu`
+    /// tests it), each global batch split across them, the same update as one device.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// How several devices sum their gradients: nccl (GPU to GPU; a build with the `nccl`
+    /// feature), host (through host memory, any devices), or auto (nccl where built and every
+    /// device is a GPU).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "host", "nccl"])]
+    all_reduce: String,
+    /// Threads that decode and augment clips; 0: the compute pool's (every core, shared with
+    /// the CPU's kernels). On a GPU, all cores but one or two (`pe-clip bench loader` measures
+    /// the rate per thread count). The batches are the same for any number.
+    #[arg(long, default_value_t = 0)]
+    loader_threads: usize,
 }
 
 #[cfg(feature = "train")]
@@ -73,14 +90,19 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     use anyhow::Context;
     use pe_clip_models::peclip::checkpoint::load_backbone;
     use pe_clip_models::peclip::{trainable_specs, PeClip, RunConfig, Trainables};
-    use pe_clip_models::train::{train, TrainConfig, TrainJob};
+    use pe_clip_models::train::{train_parallel, TrainConfig, TrainJob};
 
-    let device = super::zero_shot::device_from_name(&args.device)?;
+    let devices = args
+        .device
+        .split(',')
+        .map(|d| super::zero_shot::device_from_name(d.trim()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = TrainConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
         accumulate: args.accumulate,
         recompute: args.recompute.parse()?,
+        precision: args.precision.parse()?,
         adapter_lr: args.lr_adapters,
         prompt_lr: args.lr_prompts,
         warmup_epochs: args.warmup_epochs,
@@ -98,24 +120,34 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     } else {
         new_run(&args)?
     };
-    let (clip, tokenizer) = load_backbone(&run, &args.out, &device)?;
-    let specs = trainable_specs(&run.peclip, &clip.config);
-    let trainables = Trainables::init(specs, args.seed, &device)?;
-    let model = PeClip::new(
-        run.peclip.clone(),
-        clip,
-        trainables,
-        run.classes.clone(),
-        &tokenizer,
-    )?;
+    // One replica per device, the same initial trainables on each.
+    let replicas = devices
+        .iter()
+        .map(|device| -> anyhow::Result<PeClip> {
+            let (clip, tokenizer) = load_backbone(&run, &args.out, device)?;
+            let clip = clip.with_compute_dtype(cfg.precision.dtype())?;
+            let specs = trainable_specs(&run.peclip, &clip.config);
+            let trainables = Trainables::init(specs, args.seed, device)?;
+            Ok(PeClip::new(
+                run.peclip.clone(),
+                clip,
+                trainables,
+                run.classes.clone(),
+                &tokenizer,
+            )?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut report = progress_reporter(cfg.epochs);
     let job = TrainJob {
         data: &args.data,
         out: &args.out,
         resume: args.resume,
         stop_after: args.stop_after,
+        loader_threads: args.loader_threads,
     };
-    let state = train(&model, &run, &cfg, job, &mut report).context("training failed")?;
+    let reducers = reducers(&args.all_reduce, &devices)?;
+    let state = train_parallel(&replicas, reducers, &run, &cfg, job, &mut report)
+        .context("training failed")?;
     println!(
         "{}: {} epochs done, best test UAR {:.2} % at epoch {}",
         args.out.display(),
@@ -124,6 +156,36 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         state.best_epoch.map_or("-".to_string(), |e| e.to_string())
     );
     Ok(super::EXIT_OK)
+}
+
+/// The data-parallel reducers `--all-reduce` names for `devices` (none: one device, or the
+/// host's in-process reducer).
+#[cfg(feature = "train")]
+fn reducers(
+    how: &str,
+    devices: &[candle_core::Device],
+) -> anyhow::Result<Vec<Box<dyn pe_clip_models::train::Reducer>>> {
+    let all_gpus = devices.iter().all(|d| d.is_cuda());
+    let nccl = match how {
+        "nccl" if !all_gpus => anyhow::bail!("--all-reduce nccl: every --device must be a GPU"),
+        "nccl" => true,
+        "auto" => cfg!(feature = "nccl") && all_gpus,
+        _ => false,
+    };
+    if devices.len() < 2 || !nccl {
+        return Ok(Vec::new());
+    }
+    #[cfg(feature = "nccl")]
+    {
+        Ok(pe_clip_models::train::nccl::NcclReducer::group(devices)?
+            .into_iter()
+            .map(|r| Box::new(r) as Box<dyn pe_clip_models::train::Reducer>)
+            .collect())
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        anyhow::bail!("--all-reduce nccl: this binary was built without the `nccl` feature")
+    }
 }
 
 /// A fresh run's configuration: the backbone (a preset written with random weights into

@@ -138,12 +138,21 @@ pub fn run(_args: Args) -> anyhow::Result<u8> {
 /// The candle device named on the command line.
 #[cfg(feature = "train")]
 pub(crate) fn device_from_name(name: &str) -> anyhow::Result<candle_core::Device> {
-    match name {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        #[cfg(feature = "cuda")]
-        "cuda" => Ok(candle_core::Device::new_cuda(0)?),
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => anyhow::bail!("this binary was built without the `cuda` feature"),
-        other => anyhow::bail!("unknown device {other:?} (expected cpu or cuda)"),
+    let ordinal = match name {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => anyhow::bail!("unknown device {other:?} (expected cpu, cuda or cuda:N)"),
+        },
+    };
+    #[cfg(feature = "cuda")]
+    {
+        Ok(candle_core::Device::new_cuda(ordinal)?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ordinal;
+        anyhow::bail!("{name}: this binary was built without the `cuda` feature")
     }
 }

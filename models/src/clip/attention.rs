@@ -45,7 +45,7 @@ impl Attention {
         let v = split(self.v_proj.forward(x)?)?;
         let mut att = q.matmul(&k.t()?)?;
         if let Some(m) = mask {
-            att = att.broadcast_add(m)?;
+            att = att.broadcast_add(&m.to_dtype(att.dtype())?)?;
         }
         let y = softmax_last(&att)?.matmul(&v)?;
         let y = y.transpose(1, 2)?.reshape((b, l, d))?;

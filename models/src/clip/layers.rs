@@ -4,13 +4,14 @@
 //! would silently get no gradient. So these helpers use the fused kernels only when no gradient
 //! can flow (no input is a variable or derived from one) and differentiable primitives otherwise.
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
 
 use super::config::HiddenAct;
 use super::weights::Vb;
 use crate::error::Result;
 
-/// `y = (x - mean) / sqrt(var + eps) * weight + bias` over the last axis, in f32.
+/// `y = (x - mean) / sqrt(var + eps) * weight + bias` over the last axis, in f32 whatever `x`'s
+/// dtype (the result has `x`'s: a bf16 or f16 backbone normalises its activations in f32).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     pub weight: Tensor,
@@ -31,21 +32,14 @@ impl LayerNorm {
     /// Normalise `x` over its last axis.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let eps = self.eps as f32;
-        if x.track_op() || self.weight.track_op() || self.bias.track_op() {
-            Ok(candle_nn::ops::layer_norm_slow(
-                x,
-                &self.weight,
-                &self.bias,
-                eps,
-            )?)
+        let dt = x.dtype();
+        let x = &x.to_dtype(self.weight.dtype())?;
+        let y = if x.track_op() || self.weight.track_op() || self.bias.track_op() {
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, eps)?
         } else {
-            Ok(candle_nn::ops::layer_norm(
-                &x.contiguous()?,
-                &self.weight,
-                &self.bias,
-                eps,
-            )?)
-        }
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, eps)?
+        };
+        Ok(y.to_dtype(dt)?)
     }
 }
 
@@ -57,6 +51,14 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The same linear with its weight and bias in `dtype`.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.to_dtype(dtype)?,
+            bias: self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?,
+        })
+    }
+
     /// Load `weight` `[out, in]` and, if `bias`, `bias` `[out]`.
     pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: &Vb<'_>) -> Result<Self> {
         Ok(Self {
@@ -187,13 +189,17 @@ pub fn activation(act: HiddenAct, x: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Softmax over the last axis (differentiable whenever `x` carries a gradient).
+/// Softmax over the last axis (differentiable whenever `x` carries a gradient), in f32 whatever
+/// `x`'s dtype (the result has `x`'s).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
-        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    let dt = x.dtype();
+    let x = &x.to_dtype(DType::F32)?;
+    let y = if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)?
     } else {
-        Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
-    }
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)?
+    };
+    Ok(y.to_dtype(dt)?)
 }
 
 /// The largest absolute difference between two tensors of the same shape.

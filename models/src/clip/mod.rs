@@ -16,7 +16,7 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 pub use config::{Arch, ClipConfig, HiddenAct, TextConfig, VisionConfig};
 pub use text::TextTower;
@@ -42,6 +42,52 @@ pub struct ClipModel {
 }
 
 impl ClipModel {
+    /// The backbone computing in `dtype` (bf16 or f16: mixed precision): the matmul and
+    /// embedding weights cast to it, the LayerNorms' kept in f32 (they and attention's softmax
+    /// compute in f32, [`layers`]); features come out in f32.
+    pub fn with_compute_dtype(&self, dtype: DType) -> Result<Self> {
+        let blocks = |layers: &[encoder::EncoderLayer]| -> Result<Vec<encoder::EncoderLayer>> {
+            layers
+                .iter()
+                .map(|l| {
+                    let a = &l.self_attn;
+                    Ok(encoder::EncoderLayer {
+                        self_attn: attention::Attention {
+                            q_proj: a.q_proj.to_dtype(dtype)?,
+                            k_proj: a.k_proj.to_dtype(dtype)?,
+                            v_proj: a.v_proj.to_dtype(dtype)?,
+                            out_proj: a.out_proj.to_dtype(dtype)?,
+                            heads: a.heads,
+                        },
+                        mlp: mlp::Mlp {
+                            fc1: l.mlp.fc1.to_dtype(dtype)?,
+                            fc2: l.mlp.fc2.to_dtype(dtype)?,
+                            act: l.mlp.act,
+                        },
+                        ..l.clone()
+                    })
+                })
+                .collect()
+        };
+        let mut m = self.clone();
+        let e = &mut m.vision.embeddings;
+        e.patch_weight = e.patch_weight.to_dtype(dtype)?;
+        e.class_embedding = e.class_embedding.to_dtype(dtype)?;
+        e.position_embedding = e.position_embedding.to_dtype(dtype)?;
+        m.vision.layers = blocks(&self.vision.layers)?;
+        m.vision.projection = self.vision.projection.to_dtype(dtype)?;
+        m.text.token_embedding = self.text.token_embedding.to_dtype(dtype)?;
+        m.text.position_embedding = self.text.position_embedding.to_dtype(dtype)?;
+        m.text.layers = blocks(&self.text.layers)?;
+        m.text.projection = self.text.projection.to_dtype(dtype)?;
+        Ok(m)
+    }
+
+    /// The dtype the backbone computes in (f32 unless [`Self::with_compute_dtype`]).
+    pub fn compute_dtype(&self) -> DType {
+        self.vision.embeddings.patch_weight.dtype()
+    }
+
     /// Load an HF CLIP directory. Sizes come from `config.json`; every tensor's shape is checked
     /// against them.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {

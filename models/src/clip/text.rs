@@ -106,7 +106,10 @@ impl TextTower {
             .collect();
         let rows = Tensor::from_vec(rows, c, x.device())?;
         let pooled = x.reshape((c * l, d))?.index_select(&rows, 0)?;
-        self.projection.forward(&pooled)
+        Ok(self
+            .projection
+            .forward(&pooled)?
+            .to_dtype(candle_core::DType::F32)?)
     }
 
     /// Projected features `[C, E]` of token rows, pooled at the first end-of-text token (the

@@ -43,6 +43,7 @@ impl VisionEmbeddings {
         let (n, ch, _, _) = pixels.dims4()?;
         let (g, p) = (self.grid, self.patch_size);
         let x = pixels
+            .to_dtype(self.patch_weight.dtype())?
             .reshape((n, ch, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((n, g * g, ch * p * p))?;
@@ -106,9 +107,13 @@ impl VisionTower {
         self.pool(&x)
     }
 
-    /// `post_layernorm` of the class token and `visual_projection`: `[N, L, D]` to `[N, E]`.
+    /// `post_layernorm` of the class token and `visual_projection`: `[N, L, D]` to `[N, E]`,
+    /// f32 whatever the backbone's dtype.
     pub fn pool(&self, x: &Tensor) -> Result<Tensor> {
         let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
-        self.projection.forward(&self.post_layernorm.forward(&cls)?)
+        Ok(self
+            .projection
+            .forward(&self.post_layernorm.forward(&cls)?)?
+            .to_dtype(candle_core::DType::F32)?)
     }
 }

@@ -86,6 +86,15 @@ impl PeClip {
         })
     }
 
+    /// The same model with the frozen backbone computing in `dtype` (mixed precision: bf16 or
+    /// f16; the trainables stay f32, [`ClipModel::with_compute_dtype`]).
+    pub fn with_compute_dtype(&self, dtype: candle_core::DType) -> Result<Self> {
+        Ok(Self {
+            clip: self.clip.with_compute_dtype(dtype)?,
+            ..self.clone()
+        })
+    }
+
     /// The same model over `trainables` (for example an inference view of the variables being
     /// trained: `self.trainables.clone().into_inference()` shares their storage).
     pub fn with_trainables(&self, trainables: Trainables) -> Result<Self> {
@@ -115,7 +124,9 @@ impl PeClip {
         };
         if let Some(ctx) = prompts.first() {
             let pos = text.position_embedding.narrow(0, 1, n)?;
-            let ctx = (ctx + pos)?.unsqueeze(0)?.broadcast_as((c, n, d))?;
+            let ctx = (ctx.to_dtype(pos.dtype())? + pos)?
+                .unsqueeze(0)?
+                .broadcast_as((c, n, d))?;
             x = Tensor::cat(
                 &[&x.narrow(1, 0, 1)?, &ctx, &x.narrow(1, 1 + n, l - 1 - n)?],
                 1,
@@ -124,7 +135,10 @@ impl PeClip {
         let mask = causal_mask(l, x.device())?;
         for (i, (layer, ad)) in text.layers.iter().zip(&self.text_adapters).enumerate() {
             if i >= 1 && i < prompts.len() {
-                let p = prompts[i].unsqueeze(0)?.broadcast_as((c, n, d))?;
+                let p = prompts[i]
+                    .to_dtype(x.dtype())?
+                    .unsqueeze(0)?
+                    .broadcast_as((c, n, d))?;
                 x = Tensor::cat(
                     &[&x.narrow(1, 0, 1)?, &p, &x.narrow(1, 1 + n, l - 1 - n)?],
                     1,
@@ -152,6 +166,7 @@ impl PeClip {
         if let Some(p0) = vprompts.first() {
             let (n, _, d) = x.dims3()?;
             let rows = p0.dim(0)?;
+            let p0 = p0.to_dtype(x.dtype())?;
             x = Tensor::cat(&[&x, &p0.unsqueeze(0)?.broadcast_as((n, rows, d))?], 1)?;
         }
         vision.pre_layrnorm.forward(&x)
@@ -171,7 +186,10 @@ impl PeClip {
         if i >= 1 && i < vprompts.len() {
             let (n, l, d) = x.dims3()?;
             let rows = vprompts[i].dim(0)?;
-            let p = vprompts[i].unsqueeze(0)?.broadcast_as((n, rows, d))?;
+            let p = vprompts[i]
+                .to_dtype(x.dtype())?
+                .unsqueeze(0)?
+                .broadcast_as((n, rows, d))?;
             x = Tensor::cat(&[&x.narrow(1, 0, l - rows)?, &p], 1)?;
         }
         let layer = &self.clip.vision.layers[i];

@@ -1,5 +1,6 @@
 //! The training data path: the epoch's seeded shuffle, and a loader thread that reads and
-//! augments each batch's clips in parallel ahead of the model.
+//! augments each batch's clips in parallel ahead of the model, on a thread pool of its own or on
+//! the shared one.
 //!
 //! Every random choice is derived from (seed, epoch, purpose, position) only, so that a resumed
 //! run draws what an uninterrupted one would.
@@ -53,10 +54,76 @@ fn load_train_clip(
 }
 
 /// A loaded batch: the clips' CHW pixels back to back, and their labels.
-pub(super) type LoadedBatch = Result<(Vec<f32>, Vec<u32>)>;
+pub type LoadedBatch = Result<(Vec<f32>, Vec<u32>)>;
+
+/// Where clips are decoded and augmented: rayon's global pool (shared with candle's CPU
+/// kernels: on a CPU-trained run loading and compute share the cores), or a pool of its own
+/// (a GPU run: the cores are the loader's; or a cap on its share).
+#[derive(Debug)]
+pub struct Loader {
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl Loader {
+    /// `threads` loader threads of their own; 0: rayon's global pool.
+    pub fn new(threads: usize) -> Result<Self> {
+        if threads == 0 {
+            return Ok(Self { pool: None });
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("pe-clip-loader-{i}"))
+            .build()
+            .map_err(|e| crate::error::Error::Config(format!("loader threads: {e}")))?;
+        Ok(Self { pool: Some(pool) })
+    }
+
+    /// The threads clips are loaded on.
+    pub fn threads(&self) -> usize {
+        self.pool.as_ref().map_or_else(
+            rayon::current_num_threads,
+            rayon::ThreadPool::current_num_threads,
+        )
+    }
+
+    /// Batch `b` of `epoch` (the clips `batch` of `samples`), its clips and their frames decoded
+    /// in parallel: train-time sampling and augmentation drawn from (seed, epoch, position).
+    pub fn load_batch(
+        &self,
+        samples: &[Sample],
+        batch: &[usize],
+        cfg: &TrainConfig,
+        spec: &PreprocessSpec,
+        epoch: usize,
+        b: usize,
+    ) -> LoadedBatch {
+        let load = || -> Result<Vec<Vec<f32>>> {
+            batch
+                .par_iter()
+                .enumerate()
+                .map(|(j, &i)| {
+                    load_train_clip(
+                        &samples[i],
+                        cfg,
+                        spec,
+                        rng_for(cfg.seed, epoch, 2, b * 100_000 + j),
+                    )
+                })
+                .collect()
+        };
+        let clips = match &self.pool {
+            Some(pool) => pool.install(load),
+            None => load(),
+        }?;
+        Ok((
+            clips.concat(),
+            batch.iter().map(|&i| samples[i].label as u32).collect(),
+        ))
+    }
+}
 
 /// The epoch's batches: a seeded shuffle of the training set cut into `batch_size` chunks.
-pub(super) fn epoch_batches(cfg: &TrainConfig, epoch: usize, clips: usize) -> Vec<Vec<usize>> {
+pub fn epoch_batches(cfg: &TrainConfig, epoch: usize, clips: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..clips).collect();
     let mut shuffle = rng_for(cfg.seed, epoch, 1, 0);
     for i in (1..order.len()).rev() {
@@ -68,9 +135,10 @@ pub(super) fn epoch_batches(cfg: &TrainConfig, epoch: usize, clips: usize) -> Ve
         .collect()
 }
 
-/// The loader thread: each batch's clips loaded in parallel, sent in order; stops when the
-/// model side hangs up.
+/// The loader thread: each batch loaded by `loader`, sent in order; stops when the model side
+/// hangs up.
 pub(super) fn load_batches(
+    loader: &Loader,
     samples: &[Sample],
     batches: &[Vec<usize>],
     cfg: &TrainConfig,
@@ -79,24 +147,7 @@ pub(super) fn load_batches(
     tx: SyncSender<LoadedBatch>,
 ) {
     for (b, batch) in batches.iter().enumerate() {
-        let loaded: Result<Vec<Vec<f32>>> = batch
-            .par_iter()
-            .enumerate()
-            .map(|(j, &i)| {
-                load_train_clip(
-                    &samples[i],
-                    cfg,
-                    spec,
-                    rng_for(cfg.seed, epoch, 2, b * 100_000 + j),
-                )
-            })
-            .collect();
-        let item = loaded.map(|clips| {
-            (
-                clips.concat(),
-                batch.iter().map(|&i| samples[i].label as u32).collect(),
-            )
-        });
+        let item = loader.load_batch(samples, batch, cfg, spec, epoch, b);
         if tx.send(item).is_err() {
             return;
         }

@@ -20,7 +20,9 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use candle_core::{Device, Tensor};
 
 use super::eval::evaluate;
-use super::loader::{epoch_batches, load_batches, rng_for, LoadedBatch};
+use super::loader::{epoch_batches, load_batches, rng_for, LoadedBatch, Loader};
+use super::parallel::{parallel_step, shard, Reducer, ThreadReducer};
+use super::precision::LossScaler;
 use super::schedule::CosineSchedule;
 use super::state::TRAIN_STATE_VERSION;
 use super::state::{read_state, state_path, EpochRecord, TrainConfig, TrainState};
@@ -64,6 +66,9 @@ pub struct TrainJob<'a> {
     pub resume: bool,
     /// Stop after this many epochs in total (the run can be resumed); `None` runs to the end.
     pub stop_after: Option<usize>,
+    /// Threads that decode and augment clips; 0: rayon's global pool, shared with candle's CPU
+    /// kernels. The batches are the same for any number.
+    pub loader_threads: usize,
 }
 
 /// Train `model` (whose run configuration is `run`) as `job` says.
@@ -74,18 +79,80 @@ pub fn train(
     job: TrainJob<'_>,
     on_progress: ProgressCallback<'_>,
 ) -> Result<TrainState> {
+    train_parallel(
+        std::slice::from_ref(model),
+        Vec::new(),
+        run,
+        cfg,
+        job,
+        on_progress,
+    )
+}
+
+/// Train data-parallel over `replicas` (one model per worker device, identical trainables), as
+/// [`train`] on one: each global batch is split across the workers ([`super::parallel`]),
+/// `--accumulate` splits each worker's share, and every replica applies the same update; the
+/// first replica evaluates and writes the checkpoints. `reducers`: one per replica, rank
+/// order; empty: an in-process [`ThreadReducer`] group.
+pub fn train_parallel(
+    replicas: &[PeClip],
+    reducers: Vec<Box<dyn Reducer>>,
+    run: &RunConfig,
+    cfg: &TrainConfig,
+    job: TrainJob<'_>,
+    on_progress: ProgressCallback<'_>,
+) -> Result<TrainState> {
     cfg.validate()?;
+    let model = replicas
+        .first()
+        .ok_or_else(|| Error::Config("no model to train".into()))?;
+    let reducers: Vec<Box<dyn Reducer>> = if reducers.is_empty() && replicas.len() > 1 {
+        ThreadReducer::group(replicas.len())
+            .into_iter()
+            .map(|r| Box::new(r) as Box<dyn Reducer>)
+            .collect()
+    } else {
+        reducers
+    };
+    if let Some(m) = replicas
+        .iter()
+        .find(|m| m.clip.compute_dtype() != cfg.precision.dtype())
+    {
+        return Err(Error::Config(format!(
+            "precision {} but the backbone computes in {:?}",
+            cfg.precision,
+            m.clip.compute_dtype()
+        )));
+    }
+    if replicas.len() > 1 && reducers.len() != replicas.len() {
+        return Err(Error::Config(format!(
+            "{} reducers for {} replicas",
+            reducers.len(),
+            replicas.len()
+        )));
+    }
     let train_set = dataset::load(job.data, Split::Train, cfg.fold, &model.classes)?;
     let test_set = dataset::load(job.data, Split::Test, cfg.fold, &model.classes)?;
     if train_set.samples.is_empty() {
         return Err(Error::invalid(job.data, "the training split has no clip"));
     }
-    let mut opt = Optimizers::new(model, cfg.adapter_lr, cfg.prompt_lr)?;
+    let mut workers = Workers {
+        models: replicas,
+        opts: replicas
+            .iter()
+            .map(|m| Optimizers::new(m, cfg.adapter_lr, cfg.prompt_lr))
+            .collect::<Result<_>>()?,
+        reducers,
+        scaler: LossScaler::for_precision(cfg.precision),
+    };
     let mut state = if job.resume {
-        resume_from(model, cfg, job.out, &mut opt)?
+        resume_from(replicas, cfg, job.out, &mut workers.opts)?
     } else {
         start_run(model, run, cfg, job.out)?
     };
+    if job.resume {
+        workers.scaler = state.loss_scaler;
+    }
     let schedule = |lr: f64| CosineSchedule {
         warmup_epochs: cfg.warmup_epochs,
         warmup_lr_init: cfg.warmup_lr_init,
@@ -94,11 +161,23 @@ pub fn train(
     let (sched_a, sched_p) = (schedule(cfg.adapter_lr), schedule(cfg.prompt_lr));
     let spec = run.preprocess;
     let end = job.stop_after.map_or(cfg.epochs, |n| n.min(cfg.epochs));
+    let loader = Loader::new(job.loader_threads)?;
     for epoch in state.epochs_done..end {
         let t0 = std::time::Instant::now();
-        opt.adapters.params.lr = sched_a.lr(epoch);
-        opt.prompts.params.lr = sched_p.lr(epoch);
-        let tally = train_epoch(model, cfg, &spec, &train_set, epoch, &mut opt, on_progress)?;
+        for opt in &mut workers.opts {
+            opt.adapters.params.lr = sched_a.lr(epoch);
+            opt.prompts.params.lr = sched_p.lr(epoch);
+        }
+        let tally = train_epoch(
+            &mut workers,
+            cfg,
+            &spec,
+            &loader,
+            &train_set,
+            epoch,
+            on_progress,
+        )?;
+        let opt = &workers.opts[0];
         let train_seconds = t0.elapsed().as_secs_f64();
         on_progress(Progress::Evaluating { epoch: epoch + 1 });
         let view = model.with_trainables(model.trainables.clone().into_inference())?;
@@ -118,7 +197,8 @@ pub fn train(
             train_clips_per_second: train_set.samples.len() as f64 / train_seconds.max(1e-9),
             loader_wait_seconds: tally.wait,
         };
-        checkpoint(model, run, job.out, &opt, &mut state, record.clone())?;
+        state.loss_scaler = workers.scaler;
+        checkpoint(model, run, job.out, opt, &mut state, record.clone())?;
         on_progress(Progress::Epoch(&record));
     }
     Ok(state)
@@ -138,15 +218,17 @@ fn start_run(model: &PeClip, run: &RunConfig, cfg: &TrainConfig, out: &Path) -> 
         best_epoch: None,
         best_uar: -1.0,
         history: Vec::new(),
+        loss_scaler: LossScaler::for_precision(cfg.precision),
     })
 }
 
-/// Continue a run: the same options, the last epoch's trainables and optimiser moments.
+/// Continue a run: the same options, the last epoch's trainables and optimiser moments (into
+/// every replica).
 fn resume_from(
-    model: &PeClip,
+    replicas: &[PeClip],
     cfg: &TrainConfig,
     out: &Path,
-    opt: &mut Optimizers,
+    opts: &mut [Optimizers],
 ) -> Result<TrainState> {
     let train_dir = out.join("train");
     let st = read_state(out)?
@@ -167,15 +249,22 @@ fn resume_from(
         &train_dir.join(format!("last-e{}.safetensors", st.epochs_done)),
         &Device::Cpu,
     )?;
-    for (name, var) in model.trainables.named_vars() {
-        var.set(&last.get(name, var.dims())?.to_device(var.device())?)?;
-    }
     let moments = candle_core::safetensors::load(
         train_dir.join(format!("optim-e{}.safetensors", st.epochs_done)),
-        &model.clip.device,
+        &Device::Cpu,
     )?;
-    opt.adapters.load_state(&moments, st.adapter_steps)?;
-    opt.prompts.load_state(&moments, st.prompt_steps)?;
+    for (model, opt) in replicas.iter().zip(opts) {
+        for (name, var) in model.trainables.named_vars() {
+            var.set(&last.get(name, var.dims())?.to_device(var.device())?)?;
+        }
+        let device = &model.clip.device;
+        let moments: HashMap<String, Tensor> = moments
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.to_device(device)?)))
+            .collect::<Result<_>>()?;
+        opt.adapters.load_state(&moments, st.adapter_steps)?;
+        opt.prompts.load_state(&moments, st.prompt_steps)?;
+    }
     Ok(st)
 }
 
@@ -189,14 +278,25 @@ struct EpochTally {
     wait: f64,
 }
 
+/// The replicas a run trains: a model, an optimiser and (with more than one) a reducer per
+/// worker; worker 0's are the run's.
+struct Workers<'a> {
+    models: &'a [PeClip],
+    opts: Vec<Optimizers>,
+    reducers: Vec<Box<dyn Reducer>>,
+    /// f16's loss scale: one for all workers (they see the same reduced gradients, so take the
+    /// same decisions).
+    scaler: LossScaler,
+}
+
 /// One epoch's optimiser steps. The loader runs ahead of the model by at most two batches.
 fn train_epoch(
-    model: &PeClip,
+    workers: &mut Workers<'_>,
     cfg: &TrainConfig,
     spec: &PreprocessSpec,
+    loader: &Loader,
     train_set: &Dataset,
     epoch: usize,
-    opt: &mut Optimizers,
     on_progress: ProgressCallback<'_>,
 ) -> Result<EpochTally> {
     let batches = epoch_batches(cfg, epoch, train_set.samples.len());
@@ -204,9 +304,9 @@ fn train_epoch(
     let mut tally = EpochTally::default();
     std::thread::scope(|scope| -> Result<()> {
         let (samples, batches_ref) = (&train_set.samples, &batches);
-        scope.spawn(move || load_batches(samples, batches_ref, cfg, spec, epoch, tx));
+        scope.spawn(move || load_batches(loader, samples, batches_ref, cfg, spec, epoch, tx));
         for b in 0..batches.len() {
-            let loss = train_batch(model, cfg, spec, epoch, b, &rx, opt, &mut tally)?;
+            let loss = train_batch(workers, cfg, spec, epoch, b, &rx, &mut tally)?;
             on_progress(Progress::Step {
                 epoch: epoch + 1,
                 batch: b + 1,
@@ -219,19 +319,25 @@ fn train_epoch(
     Ok(tally)
 }
 
-/// Batch `b`: receive it, mix it, accumulate the gradients over micro-batches and step both
-/// optimisers. Returns the batch's mean loss.
-#[allow(clippy::too_many_arguments)]
+/// Batch `b`: receive it, mix it, accumulate the gradients over micro-batches (and workers)
+/// and step the optimisers. Returns the batch's mean loss.
 fn train_batch(
-    model: &PeClip,
+    workers: &mut Workers<'_>,
     cfg: &TrainConfig,
     spec: &PreprocessSpec,
     epoch: usize,
     b: usize,
     rx: &Receiver<LoadedBatch>,
-    opt: &mut Optimizers,
     tally: &mut EpochTally,
 ) -> Result<f64> {
+    let model = &workers.models[0];
+    let world = workers.models.len();
+    // With several workers the batch is mixed on the host and each share copied to its device.
+    let stage = if world == 1 {
+        model.clip.device.clone()
+    } else {
+        Device::Cpu
+    };
     let s = spec.image_size;
     let tw = std::time::Instant::now();
     let (pixels, labels) = rx
@@ -239,30 +345,137 @@ fn train_batch(
         .map_err(|_| Error::Config("the data loader stopped".into()))??;
     tally.wait += tw.elapsed().as_secs_f64();
     let n = labels.len();
-    let videos = Tensor::from_vec(pixels, (n, cfg.segments, 3, s, s), &model.clip.device)?;
+    let videos = Tensor::from_vec(pixels, (n, cfg.segments, 3, s, s), &stage)?;
     let mut mix_rng = rng_for(cfg.seed, epoch, 3, b);
     let mix = if cfg.mix && n > 1 {
         draw_mix(s as u32, &mut mix_rng)
     } else {
         Mix::None
     };
-    let (videos, other_labels, lambda) = mix_batch(videos, &labels, &mix, s, &model.clip.device)?;
+    let (videos, other_labels, lambda) = mix_batch(videos, &labels, &mix, s, &stage)?;
     // Gradient accumulation over micro-batches.
     let mix = (lambda < 1.0).then_some((other_labels.as_slice(), lambda));
+    if world > 1 {
+        let loss = parallel_batch(workers, cfg, &videos, &labels, mix)?;
+        tally.loss_sum += loss * n as f64;
+        tally.loss_n += n;
+        return Ok(loss);
+    }
+    let opt = &mut workers.opts[0];
     let plan = GradientPlan {
         micro: cfg.batch_size / cfg.accumulate,
         recompute: cfg.recompute,
+        loss_scale: workers.scaler.scale,
     };
-    let (grads, losses) = batch_gradients(model, &videos, &labels, mix, plan)?;
+    let (mut grads, losses) = batch_gradients(model, &videos, &labels, mix, plan)?;
+    let take_step = workers.scaler.unscale(model, &mut grads)?;
     let mut batch_loss = 0.0f64;
     for (loss, len) in losses {
         tally.loss_sum += loss * len as f64;
         tally.loss_n += len;
         batch_loss += loss * len as f64 / n as f64;
     }
-    opt.adapters.step(&grads)?;
-    opt.prompts.step(&grads)?;
+    if take_step {
+        opt.adapters.step(&grads)?;
+        opt.prompts.step(&grads)?;
+    }
     Ok(batch_loss)
+}
+
+/// A data-parallel step on a (mixed) host batch: one thread per worker takes its share to its
+/// device, and [`parallel_step`] reduces and steps. Returns the batch's mean loss.
+fn parallel_batch(
+    workers: &mut Workers<'_>,
+    cfg: &TrainConfig,
+    videos: &Tensor,
+    labels: &[u32],
+    mix: Option<(&[u32], f64)>,
+) -> Result<f64> {
+    let n = labels.len();
+    let world = workers.models.len();
+    // Each reducer moves into its worker's thread and back: one that unwinds from a panic is
+    // dropped there, which fails the others' reduction rather than leaving them waiting.
+    let reducers = std::mem::take(&mut workers.reducers);
+    let scaler = workers.scaler;
+    type Outcome = (Option<Box<dyn Reducer>>, Result<(f64, LossScaler)>);
+    let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
+        let handles: Vec<_> = workers
+            .models
+            .iter()
+            .zip(workers.opts.iter_mut())
+            .zip(reducers)
+            .enumerate()
+            .map(|(k, ((model, opt), mut reducer))| {
+                scope.spawn(move || {
+                    let r = shard(n, world, k);
+                    let mut run = || -> Result<(f64, LossScaler)> {
+                        let part = if r.is_empty() {
+                            None
+                        } else {
+                            Some(
+                                videos
+                                    .narrow(0, r.start, r.len())?
+                                    .to_device(&model.clip.device)?,
+                            )
+                        };
+                        let plan = GradientPlan {
+                            micro: r.len().div_ceil(cfg.accumulate).max(1),
+                            recompute: cfg.recompute,
+                            loss_scale: scaler.scale,
+                        };
+                        let mix = mix.map(|(other, lambda)| (&other[r.clone()], lambda));
+                        let labels = &labels[r.clone()];
+                        let mut scaler = scaler;
+                        let loss = parallel_step(
+                            model,
+                            opt,
+                            reducer.as_mut(),
+                            &mut scaler,
+                            part.as_ref(),
+                            labels,
+                            mix,
+                            plan,
+                            n,
+                        )?;
+                        Ok((loss, scaler))
+                    };
+                    let out = run();
+                    if out.is_err() {
+                        reducer.abort();
+                    }
+                    (Some(reducer), out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    (
+                        None,
+                        Err(Error::Config("a data-parallel worker panicked".into())),
+                    )
+                })
+            })
+            .collect()
+    });
+    let mut loss = None;
+    let mut first_error = None;
+    for (reducer, out) in outcomes {
+        workers.reducers.extend(reducer);
+        match out {
+            Ok((l, s)) => {
+                loss = loss.or(Some(l));
+                workers.scaler = s;
+            }
+            Err(e) => first_error = first_error.or(Some(e)),
+        }
+    }
+    match (first_error, loss) {
+        (Some(e), _) => Err(e),
+        (None, Some(l)) => Ok(l),
+        (None, None) => Err(Error::Config("no data-parallel worker ran".into())),
+    }
 }
 
 /// Mixup / FMix of a batch with its partner, the batch reversed: the mixed clips, the partners'

@@ -22,6 +22,8 @@ pub struct TrainConfig {
     pub accumulate: usize,
     /// What the backward pass recomputes (memory for time; the same update).
     pub recompute: super::step::Recompute,
+    /// The dtype the frozen backbone computes in (the trainables and their optimiser stay f32).
+    pub precision: super::precision::Precision,
     pub adapter_lr: f64,
     pub prompt_lr: f64,
     pub warmup_epochs: usize,
@@ -51,6 +53,7 @@ impl Default for TrainConfig {
             batch_size: 8,
             accumulate: 1,
             recompute: super::step::Recompute::None,
+            precision: super::precision::Precision::F32,
             adapter_lr: 2e-4,
             prompt_lr: 3e-5,
             warmup_epochs: 3,
@@ -128,6 +131,9 @@ pub struct TrainState {
     pub best_epoch: Option<usize>,
     pub best_uar: f64,
     pub history: Vec<EpochRecord>,
+    /// f16's loss scale after the last finished epoch (absent: no scaling).
+    #[serde(default)]
+    pub loss_scaler: super::precision::LossScaler,
 }
 
 pub(super) fn state_path(run: &Path) -> PathBuf {

@@ -115,20 +115,24 @@ impl std::fmt::Display for Recompute {
     }
 }
 
-/// How one step's gradients are computed: micro-batches of at most `micro` clips, and what the
-/// backward pass recomputes. Every plan gives the same gradients up to f32 rounding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How one step's gradients are computed: micro-batches of at most `micro` clips, what the
+/// backward pass recomputes, and the factor the loss is scaled by before backward (f16's loss
+/// scaling, [`super::LossScaler`]; the gradients come back scaled by it). Every plan gives the
+/// same gradients up to f32 rounding.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GradientPlan {
     pub micro: usize,
     pub recompute: Recompute,
+    pub loss_scale: f64,
 }
 
 impl GradientPlan {
-    /// The whole batch at once, nothing recomputed.
+    /// The whole batch at once, nothing recomputed, no loss scale.
     pub fn whole(batch: usize) -> Self {
         Self {
             micro: batch,
             recompute: Recompute::None,
+            loss_scale: 1.0,
         }
     }
 }
@@ -159,7 +163,7 @@ pub fn batch_gradients(
         let len = micro.min(n - start);
         let v = videos.narrow(0, start, len)?;
         let ya = &labels[start..start + len];
-        let share = len as f64 / n as f64;
+        let share = len as f64 / n as f64 * plan.loss_scale;
         let loss_of = |logits: &Tensor| -> Result<Tensor> {
             let loss = match mix {
                 None => cross_entropy(logits, ya)?,
@@ -309,7 +313,11 @@ mod tests {
             .into_iter()
             .chain([(1, Recompute::None), (1, Recompute::Blocks)]);
             for (micro, recompute) in plans {
-                let plan = GradientPlan { micro, recompute };
+                let plan = GradientPlan {
+                    micro,
+                    recompute,
+                    loss_scale: 1.0,
+                };
                 let (acc, losses) = batch_gradients(&m, &v, &labels, mix, plan).unwrap();
                 let got = grads_of(&acc);
                 let worst = want

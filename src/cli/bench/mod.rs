@@ -3,12 +3,14 @@
 mod calibrate;
 mod cores;
 pub mod driver;
+mod loader;
 mod step;
 mod train;
 
 use calibrate::CalibrateArgs;
 use cores::CoresArgs;
 use driver::DriverArgs;
+use loader::LoaderArgs;
 use step::StepArgs;
 use train::TrainArgs;
 
@@ -23,6 +25,9 @@ pub struct Args {
 enum What {
     /// Training steps per second and peak memory (one 16-frame clip per step, random weights).
     Train(TrainArgs),
+    /// Clips/s of the training data path (decode, sample, augment, batch) per loader thread
+    /// count, against the clip rate a GPU trains at.
+    Loader(LoaderArgs),
     /// Per-frame step latency of model packages in tract, at each thread count.
     Step(StepArgs),
     /// Frames/s and latency of a stream on one core and on two: tract's matmul threads, a
@@ -72,6 +77,7 @@ pub(crate) fn peak_rss_bytes() -> Option<u64> {
 pub fn run(args: Args) -> anyhow::Result<u8> {
     match args.what {
         What::Train(a) => train::run_train(a),
+        What::Loader(a) => loader::run_loader(a),
         What::Step(a) => step::run_step(a),
         What::Cores(a) => cores::run_cores(a),
         What::Calibrate(a) => calibrate::run_calibrate(a),

@@ -18,6 +18,9 @@ pub(super) struct TrainArgs {
     /// What the backward pass recomputes, as `pe-clip train --recompute`: none or blocks.
     #[arg(long, default_value = "none", value_parser = ["none", "blocks"])]
     recompute: String,
+    /// The backbone's compute dtype, as `pe-clip train --precision`: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    precision: String,
     /// Compute device: cpu, or cuda (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -34,7 +37,9 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     use pe_clip_models::peclip::random::{random_peclip_on, RandomPeClip};
     use pe_clip_models::peclip::PeClipConfig;
     use pe_clip_models::rng::SeededRng;
-    use pe_clip_models::train::{batch_gradients, GradientPlan, Optimizers, Recompute};
+    use pe_clip_models::train::{
+        batch_gradients, GradientPlan, LossScaler, Optimizers, Precision, Recompute,
+    };
 
     if a.steps == 0 || a.batch_size == 0 || a.accumulate == 0 {
         anyhow::bail!("--steps, --batch-size and --accumulate must be at least 1");
@@ -61,6 +66,9 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         },
         &device,
     )?;
+    let precision: Precision = a.precision.parse()?;
+    let model = model.with_compute_dtype(precision.dtype())?;
+    let mut scaler = LossScaler::for_precision(precision);
     let mut opt = Optimizers::new(&model, 2e-4, 3e-5)?;
     let s = cfg.vision_config.image_size;
     let mut rng = SeededRng::new(1);
@@ -71,14 +79,18 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
         &device,
     )?;
     let labels: Vec<u32> = (0..a.batch_size as u32).map(|i| i % 7).collect();
-    let plan = GradientPlan {
+    let mut plan = GradientPlan {
         micro: a.batch_size / a.accumulate,
         recompute: a.recompute.parse::<Recompute>()?,
+        loss_scale: 1.0,
     };
     let mut step = || -> anyhow::Result<()> {
-        let (grads, _) = batch_gradients(&model, &videos, &labels, None, plan)?;
-        opt.adapters.step(&grads)?;
-        opt.prompts.step(&grads)?;
+        plan.loss_scale = scaler.scale;
+        let (mut grads, _) = batch_gradients(&model, &videos, &labels, None, plan)?;
+        if scaler.unscale(&model, &mut grads)? {
+            opt.adapters.step(&grads)?;
+            opt.prompts.step(&grads)?;
+        }
         Ok(())
     };
     step()?; // warm-up
@@ -96,7 +108,8 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
             "{}",
             serde_json::json!({
                 "bench": "train", "arch": a.arch, "device": a.device, "clips_per_step": a.batch_size,
-                "micro_batches": a.accumulate, "recompute": a.recompute,
+                "micro_batches": a.accumulate, "recompute": a.recompute, "precision": a.precision,
+                "skipped_steps": scaler.skipped,
                 "frames_per_clip": 16, "steps": a.steps, "seconds": secs,
                 "steps_per_second": steps_per_s, "peak_rss_bytes": peak,
                 "threads": rayon::current_num_threads(),
@@ -106,9 +119,10 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
     } else {
         println!("machine: {}", crate::engine::machine());
         println!(
-            "train {} on {}: {:.3} steps/s ({:.2} s/step, {} clip(s) x 16 frames in {} micro-batch(es), recompute {}), peak RSS {}",
+            "train {} on {} in {}: {:.3} steps/s ({:.2} s/step, {} clip(s) x 16 frames in {} micro-batch(es), recompute {}), peak RSS {}",
             a.arch,
             a.device,
+            a.precision,
             steps_per_s,
             secs / a.steps as f64,
             a.batch_size,

@@ -32,8 +32,14 @@ impl Adapter {
         })
     }
 
-    /// `delta(y)` (without the residual).
+    /// `delta(y)` (without the residual), computed in the trainables' f32 whatever `y`'s dtype
+    /// (the result has `y`'s).
     pub fn delta(&self, y: &Tensor) -> Result<Tensor> {
-        self.up.forward(&self.down.forward(y)?.gelu_erf()?)
+        let dt = y.dtype();
+        let y = y.to_dtype(self.down.weight.dtype())?;
+        Ok(self
+            .up
+            .forward(&self.down.forward(&y)?.gelu_erf()?)?
+            .to_dtype(dt)?)
     }
 }

@@ -158,13 +158,20 @@ impl TemporalAdapter {
 
     /// `M'` for `m` `[S·T, L, D]` holding `S` sequences of `T` steps each (sequence-major),
     /// starting every sequence from `state` (`[S, L, H]`, zeros for h0 = 0). Returns `M'` and
-    /// the state after the last step.
+    /// the state after the last step. The adapter computes in f32 (its trainables') whatever
+    /// `m`'s dtype, the residual sum included; `M'` has `m`'s dtype, the state is f32.
     pub fn forward(
         &self,
         m: &Tensor,
         sequences: usize,
         state: Option<CellState>,
     ) -> Result<(Tensor, Option<CellState>)> {
+        let dt = m.dtype();
+        if dt != candle_core::DType::F32 {
+            let (out, st) =
+                self.forward(&m.to_dtype(candle_core::DType::F32)?, sequences, state)?;
+            return Ok((out.to_dtype(dt)?, st));
+        }
         let (n, l, _) = m.dims3()?;
         let (ln, scale, down, up, cell, weights, scale_at) = match self {
             TemporalAdapter::Plain(a) => return Ok(((m + a.delta(m)?)?, None)),
