@@ -66,7 +66,7 @@ impl candle_core::CustomOp1 for AllReduce<'_> {
             Some((0, end)) if end == src.len() => src,
             _ => candle_core::bail!("the all-reduce buffer must be contiguous from offset 0"),
         };
-        let dev = s.device().clone();
+        let dev = s.device.clone();
         let mut dst = dev.alloc_zeros::<f32>(n)?;
         self.0
             .all_reduce(src, &mut dst, &ReduceOp::Sum)
