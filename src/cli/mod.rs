@@ -102,13 +102,13 @@ pub fn log_level(verbose: u8, quiet: u8) -> log::LevelFilter {
     }
 }
 
-/// Parse the command line, run the subcommand and map the outcome to an exit code.
 /// Keep a training step's large blocks in the heap. glibc's malloc serves blocks above a
 /// threshold (128 KiB, adapting up to 32 MiB) with mmap and unmaps them on free, so every
 /// activation of every step is a fresh mapping: faulted and zeroed page by page, and unmapped
 /// with TLB shootdowns across the matmul threads. A step allocates the same sizes each time;
 /// with the threshold at glibc's maximum and no trimming, ViT-B/16 `bench train --recompute
 /// blocks` went from 24.5 to 21.8 s/step on the 2-core EPYC (docs/benchmarks.md).
+#[cfg(feature = "train")]
 #[allow(unsafe_code)]
 pub(crate) fn keep_large_allocations() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -119,6 +119,7 @@ pub(crate) fn keep_large_allocations() {
     }
 }
 
+/// Parse the command line, run the subcommand and map the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
