@@ -59,12 +59,26 @@ impl EncoderLayer {
 
     /// Run the block.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let a = self
-            .self_attn
-            .forward(&self.layer_norm1.forward(x)?, mask)?;
-        let x = (x + a)?;
-        let m = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
+        let x = (x + self.attention_branch(x, mask)?)?;
+        let m = self.mlp_branch(&x)?;
         Ok((x + m)?)
+    }
+
+    /// `attn(ln1(x))`: one fused op on the CPU in f32 ([`super::fused`]), candle's graph
+    /// otherwise.
+    pub fn attention_branch(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        match super::fused::attention(self, x, mask)? {
+            Some(y) => Ok(y),
+            None => self.self_attn.forward(&self.layer_norm1.forward(x)?, mask),
+        }
+    }
+
+    /// `mlp(ln2(x))`, fused where [`super::fused::mlp`] applies.
+    pub fn mlp_branch(&self, x: &Tensor) -> Result<Tensor> {
+        match super::fused::mlp(self, x)? {
+            Some(y) => Ok(y),
+            None => self.mlp.forward(&self.layer_norm2.forward(x)?),
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod config;
 pub mod encoder;
+pub mod fused;
 pub mod layers;
 pub mod mlp;
 pub mod openai;

@@ -194,15 +194,13 @@ impl PeClip {
         }
         let layer = &self.clip.vision.layers[i];
         let ad = &self.vision_adapters[i];
-        let a = layer
-            .self_attn
-            .forward(&layer.layer_norm1.forward(&x)?, None)?;
+        let a = layer.attention_branch(&x, None)?;
         let a = match &ad.shared {
             Some(s) => (&a + s.delta(&a)?)?,
             None => a,
         };
         let x = (x + a)?;
-        let m = layer.mlp.forward(&layer.layer_norm2.forward(&x)?)?;
+        let m = layer.mlp_branch(&x)?;
         let (m, state) = match &ad.temporal {
             Some(t) => t.forward(&m, sequences, state)?,
             None => (m, None),
@@ -331,15 +329,13 @@ fn text_block(
     x: &Tensor,
     mask: &Tensor,
 ) -> Result<Tensor> {
-    let a = layer
-        .self_attn
-        .forward(&layer.layer_norm1.forward(x)?, Some(mask))?;
+    let a = layer.attention_branch(x, Some(mask))?;
     let a = match &ad.shared {
         Some(s) => (&a + s.delta(&a)?)?,
         None => a,
     };
     let x = (x + a)?;
-    let m = layer.mlp.forward(&layer.layer_norm2.forward(&x)?)?;
+    let m = layer.mlp_branch(&x)?;
     let m = match &ad.text {
         Some(t) => (&m + t.delta(&m)?)?,
         None => m,
