@@ -33,9 +33,33 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Hex SHA-256 of a file.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    sha256_reader(path, &mut f)
+}
+
+fn sha256_reader(path: &Path, r: &mut impl std::io::Read) -> Result<String> {
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
+    std::io::copy(r, &mut h).map_err(|e| Error::io(path, e))?;
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The most `manifest.json` may hold (a real one is a few kB; the embedded demo's under 10 kB).
+pub const MAX_MANIFEST_BYTES: u64 = pe_clip_models::io::MAX_SMALL_FILE_BYTES;
+
+/// The most a package's model file may hold (ONNX's protobuf encoding caps a model at 2 GiB).
+pub const MAX_MODEL_BYTES: u64 = 2 << 30;
+
+/// Read a file inside a package: a regular file, not a symbolic link, at most `limit` bytes.
+pub(crate) fn read_package_file(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    pe_clip_models::io::read_bounded(path, limit, true).map_err(|e| Error::package(path, untag(e)))
+}
+
+/// A models-crate error's reason without its leading path (the caller names the path).
+fn untag(e: pe_clip_models::Error) -> String {
+    match e {
+        pe_clip_models::Error::Invalid { reason, .. } => reason,
+        pe_clip_models::Error::Io { err, .. } => err.to_string(),
+        other => other.to_string(),
+    }
 }
 
 /// A verified package on disk (or embedded in the binary).
@@ -88,17 +112,31 @@ pub(crate) fn check_sum(
 impl Package {
     /// Read `dir/manifest.json`, check its format and version, validate it, and verify every
     /// file's size and SHA-256.
+    ///
+    /// Files are opened without following symbolic links and must be regular files of the size
+    /// the manifest records before they are hashed (a FIFO or `/dev/zero` is refused at once).
+    /// If `dir` is missing because a write was cut off, the complete copy it left is put back
+    /// first (see [`store`]).
     pub fn open(dir: &Path) -> Result<Self> {
+        if std::fs::symlink_metadata(dir).is_err() {
+            store::recover_interrupted(dir)?;
+        }
+        Self::open_at(dir)
+    }
+
+    /// [`Package::open`] without the recovery of an interrupted write.
+    pub(crate) fn open_at(dir: &Path) -> Result<Self> {
         let mpath = dir.join(MANIFEST_FILE);
         if !dir.is_dir() {
             return Err(Error::package(dir, "package directory not found"));
         }
-        let text = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
+        let text = read_package_file(&mpath, MAX_MANIFEST_BYTES)?;
         let manifest = parse_manifest(&mpath, &text)?;
         for c in &manifest.checksums {
             let path = dir.join(&c.file);
-            let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
-            check_sum(&path, c, meta.len(), || sha256_file(&path))?;
+            let (mut f, len) = pe_clip_models::io::open_regular(&path, true)
+                .map_err(|e| Error::package(&path, untag(e)))?;
+            check_sum(&path, c, len, || sha256_reader(&path, &mut f))?;
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -118,9 +156,8 @@ impl Package {
             Some(e) => Ok(std::borrow::Cow::Borrowed(e.bytes())),
             None => {
                 let path = self.model_path();
-                Ok(std::borrow::Cow::Owned(
-                    std::fs::read(&path).map_err(|e| Error::io(&path, e))?,
-                ))
+                let limit = self.manifest.model_checksum().map_or(0, |c| c.bytes);
+                Ok(std::borrow::Cow::Owned(read_package_file(&path, limit)?))
             }
         }
     }

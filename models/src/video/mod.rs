@@ -15,6 +15,12 @@ mod y4m;
 use y4m::load_sampled_y4m;
 pub use y4m::{read_y4m, write_y4m_444, ycbcr_to_rgb, Y4mStream};
 
+/// The most pixels a frame may have, from any source (8.4 MP: 4K UHD fits). A file asking for
+/// more is refused before its frame is allocated.
+pub const MAX_FRAME_PIXELS: u64 = 1 << 23;
+/// The longest frame side accepted.
+pub const MAX_FRAME_SIDE: u64 = 8192;
+
 /// File extensions read as frames (case-insensitive).
 pub const FRAME_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
@@ -62,16 +68,30 @@ pub fn list_frame_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Decode one image file to RGB.
+/// Decode one image file to RGB. Its size is checked against [`MAX_FRAME_PIXELS`] and
+/// [`MAX_FRAME_SIDE`] from the image header, before the pixels are decoded.
 pub fn decode_frame_file(path: &Path) -> std::result::Result<RgbImage, String> {
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| e.to_string())?
+    let (file, _) = crate::io::open_regular(path, false).map_err(|e| match e {
+        Error::Invalid { reason, .. } => reason,
+        other => other.to_string(),
+    })?;
+    let mut reader = image::ImageReader::new(std::io::BufReader::new(file))
         .with_guessed_format()
         .map_err(|e| e.to_string())?;
-    reader
-        .decode()
-        .map(|img| img.into_rgb8())
-        .map_err(|e| e.to_string())
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_FRAME_SIDE as u32);
+    limits.max_image_height = Some(MAX_FRAME_SIDE as u32);
+    // The decoded image (up to 4 bytes a pixel, 16-bit PNGs 8) and the RGB copy.
+    limits.max_alloc = Some(MAX_FRAME_PIXELS * 12);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| e.to_string())?;
+    y4m::check_frame_size(path, u64::from(img.width()), u64::from(img.height())).map_err(|e| {
+        match e {
+            Error::Invalid { reason, .. } => reason,
+            other => other.to_string(),
+        }
+    })?;
+    Ok(img.into_rgb8())
 }
 
 /// Load a clip and sample `segments` frames with the test-time sampler.

@@ -5,7 +5,6 @@ use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
-use rayon::prelude::*;
 
 use super::{SampledClip, SkippedFrame};
 use crate::error::{Error, Result};
@@ -20,22 +19,104 @@ struct YuvLayout {
     full_range: bool,
 }
 
-/// The raw frames of a `.y4m` file: each frame's planes (Y, then U, then V) as stored.
-struct RawY4m {
-    layout: YuvLayout,
-    frames: Vec<Vec<u8>>,
-    skipped: Vec<SkippedFrame>,
-}
+/// The byte source a decoder reads: the header line already read and checked, then the rest.
+type Source = std::io::Chain<std::io::Cursor<Vec<u8>>, BufReader<std::fs::File>>;
 
-/// Read the raw frames of a `.y4m` file (8-bit 4:2:0, 4:2:2, 4:4:4 or mono). A frame that cannot
-/// be read (bad frame header, cut short by the end of the file) ends the stream and is reported.
-fn read_y4m_raw(path: &Path) -> Result<RawY4m> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let mut dec = y4m::Decoder::new(BufReader::new(file))
+/// The longest stream header accepted (the y4m crate itself reads at most 1 kB of parameters).
+const MAX_HEADER_BYTES: usize = 4096;
+
+/// Open a `.y4m` file (a regular file only: a FIFO or device is refused), check the frame size
+/// its header asks for against [`super::MAX_FRAME_PIXELS`] with checked arithmetic *before* the
+/// y4m crate sees it (it multiplies W x H unchecked), and return the decoder, the layout and the
+/// file length.
+fn open_decoder(path: &Path) -> Result<(y4m::Decoder<Source>, YuvLayout, u64)> {
+    let (file, file_len) = crate::io::open_regular(path, false)?;
+    let mut reader = BufReader::new(file);
+    let mut header = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match reader.read(&mut byte) {
+            Ok(1) => {
+                header.push(byte[0]);
+                if byte[0] == b'\n' {
+                    break;
+                }
+                if header.len() > MAX_HEADER_BYTES {
+                    return Err(Error::invalid(
+                        path,
+                        format!("y4m stream header longer than {MAX_HEADER_BYTES} bytes"),
+                    ));
+                }
+            }
+            Ok(_) => return Err(Error::invalid(path, "not a y4m stream: no header line")),
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    let (w, h) = header_size(path, &header)?;
+    let frame_bytes = check_frame_size(path, w, h)? * 3;
+    let limits = y4m::Limits {
+        bytes: frame_bytes as usize,
+    };
+    let dec = y4m::Decoder::new_with_limits(std::io::Cursor::new(header).chain(reader), limits)
         .map_err(|e| Error::invalid(path, format!("not a y4m stream: {e}")))?;
     let layout = y4m_layout(path, &dec)?;
-    let mut frames = Vec::new();
+    Ok((dec, layout, file_len))
+}
+
+/// The `W` and `H` of a y4m header line, parsed without overflow.
+fn header_size(path: &Path, header: &[u8]) -> Result<(u64, u64)> {
+    let text = String::from_utf8_lossy(header);
+    if !text.starts_with("YUV4MPEG2") {
+        return Err(Error::invalid(path, "not a y4m stream: no YUV4MPEG2 magic"));
+    }
+    let field = |key: char| -> Result<u64> {
+        let v = text
+            .split_ascii_whitespace()
+            .skip(1)
+            .find_map(|t| t.strip_prefix(key))
+            .ok_or_else(|| Error::invalid(path, format!("y4m header has no {key} (frame size)")))?;
+        v.parse::<u64>()
+            .map_err(|_| Error::invalid(path, format!("y4m header {key}{v}: not a frame size")))
+    };
+    Ok((field('W')?, field('H')?))
+}
+
+/// Refuse a frame of `w` x `h` outside the limits; returns its pixel count.
+pub(crate) fn check_frame_size(path: &Path, w: u64, h: u64) -> Result<u64> {
+    let (side, max) = (super::MAX_FRAME_SIDE, super::MAX_FRAME_PIXELS);
+    let px = w.saturating_mul(h);
+    if w == 0 || h == 0 || w > side || h > side || px > max {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "frame size {w}x{h} is outside the limits (1..={side} per side, at most {max} \
+                 pixels)"
+            ),
+        ));
+    }
+    Ok(px)
+}
+
+/// One raw frame's planes (Y, then U, then V) as stored.
+fn raw_planes(frame: &y4m::Frame) -> Vec<u8> {
+    let mut raw = frame.get_y_plane().to_vec();
+    raw.extend_from_slice(frame.get_u_plane());
+    raw.extend_from_slice(frame.get_v_plane());
+    raw
+}
+
+/// What [`scan_y4m`] found: the kept frames with their indices, the number of readable frames,
+/// and the unreadable one that ended the stream.
+type Scan = (Vec<(usize, RgbImage)>, usize, Vec<SkippedFrame>);
+
+/// Read a `.y4m` file's frames (8-bit 4:2:0, 4:2:2, 4:4:4 or mono), converting to RGB only those
+/// `keep` accepts (by index) and counting the rest: memory holds the kept frames only. A frame
+/// that cannot be read (bad frame header, cut short by the end of the file) ends the stream and
+/// is reported.
+fn scan_y4m(path: &Path, mut keep: impl FnMut(usize) -> bool) -> Result<Scan> {
+    let (mut dec, layout, file_len) = open_decoder(path)?;
+    let mut kept = Vec::new();
+    let mut count = 0usize;
     let mut skipped = Vec::new();
     let mut skip = |index: usize, reason: String| {
         log::warn!(
@@ -50,50 +131,34 @@ fn read_y4m_raw(path: &Path) -> Result<RawY4m> {
     loop {
         match dec.read_frame() {
             Ok(frame) => {
-                let mut raw = frame.get_y_plane().to_vec();
-                raw.extend_from_slice(frame.get_u_plane());
-                raw.extend_from_slice(frame.get_v_plane());
-                frames.push(raw);
+                if keep(count) {
+                    kept.push((count, yuv_to_rgb(&raw_planes(&frame), layout)));
+                }
+                count += 1;
             }
             Err(y4m::Error::EOF) => {
                 // The decoder reports a frame cut short by the end of the file as a clean end:
                 // compare the file length with what the frames read account for.
-                let expected = y4m_stream_len(path, &layout, frames.len())?;
+                let expected = y4m_stream_len(path, &layout, count)?;
                 if expected < file_len {
                     let extra = file_len - expected;
-                    skip(
-                        frames.len(),
-                        format!("truncated frame ({extra} trailing bytes)"),
-                    );
+                    skip(count, format!("truncated frame ({extra} trailing bytes)"));
                 }
                 break;
             }
             Err(e) => {
-                skip(
-                    frames.len(),
-                    format!("{e}; the rest of the stream is unreadable"),
-                );
+                skip(count, format!("{e}; the rest of the stream is unreadable"));
                 break;
             }
         }
     }
-    Ok(RawY4m {
-        layout,
-        frames,
-        skipped,
-    })
+    Ok((kept, count, skipped))
 }
 
-/// Read every frame of a `.y4m` file as RGB (converted in parallel), with the frames that could
-/// not be read.
+/// Read every frame of a `.y4m` file as RGB, with the frames that could not be read.
 pub fn read_y4m(path: &Path) -> Result<(Vec<RgbImage>, Vec<SkippedFrame>)> {
-    let raw = read_y4m_raw(path)?;
-    let frames = raw
-        .frames
-        .par_iter()
-        .map(|f| yuv_to_rgb(f, raw.layout))
-        .collect();
-    Ok((frames, raw.skipped))
+    let (kept, _, skipped) = scan_y4m(path, |_| true)?;
+    Ok((kept.into_iter().map(|(_, f)| f).collect(), skipped))
 }
 
 /// Bytes taken by the header and the first `n` frames (each with a bare `FRAME\n` header).
@@ -108,12 +173,13 @@ fn y4m_stream_len(path: &Path, layout: &YuvLayout, n: usize) -> Result<u64> {
             _ => return Ok(0),
         }
     }
-    let (w, h) = (layout.width, layout.height);
+    // The sizes were checked against the frame limits when the file was opened.
+    let (w, h) = (layout.width as u64, layout.height as u64);
     let chroma = match layout.chroma_shift {
         Some((sx, sy)) => 2 * w.div_ceil(1 << sx) * h.div_ceil(1 << sy),
         None => 0,
     };
-    Ok(head.len() as u64 + 1 + n as u64 * (6 + (w * h + chroma) as u64))
+    Ok((head.len() as u64 + 1).saturating_add((n as u64).saturating_mul(6 + w * h + chroma)))
 }
 
 fn yuv_to_rgb(raw: &[u8], l: YuvLayout) -> RgbImage {
@@ -166,32 +232,40 @@ fn to_u8(v: f32) -> u8 {
     v.round().clamp(0.0, 255.0) as u8
 }
 
-/// Sample a `.y4m` clip; only the sampled frames are converted to RGB (in parallel).
+/// Sample a `.y4m` clip in two passes: count the readable frames, then convert only the sampled
+/// ones (each once, however often the sampler repeats it), so memory holds the sampled frames
+/// and nothing else whatever the clip's length.
 pub(super) fn load_sampled_y4m(
     path: &Path,
     mut pick: impl FnMut(usize) -> Vec<usize>,
 ) -> Result<SampledClip> {
-    let raw = read_y4m_raw(path)?;
-    let idx = if raw.frames.is_empty() {
-        Vec::new()
-    } else {
-        pick(raw.frames.len())
-    };
+    let (_, count, skipped) = scan_y4m(path, |_| false)?;
+    let idx = if count == 0 { Vec::new() } else { pick(count) };
     if idx.is_empty() {
         return Err(Error::NoReadableFrames {
             path: path.to_path_buf(),
-            unreadable: raw.skipped.into_iter().map(|s| s.frame).collect(),
+            unreadable: skipped.into_iter().map(|s| s.frame).collect(),
         });
     }
+    let wanted: std::collections::BTreeSet<usize> = idx.iter().copied().collect();
+    let (kept, recount, _) = scan_y4m(path, |i| wanted.contains(&i))?;
+    let by_index: std::collections::HashMap<usize, RgbImage> = kept.into_iter().collect();
     let frames = idx
-        .par_iter()
-        .map(|&i| yuv_to_rgb(&raw.frames[i], raw.layout))
-        .collect();
+        .iter()
+        .map(|i| {
+            by_index.get(i).cloned().ok_or_else(|| {
+                Error::invalid(
+                    path,
+                    format!("frame {i} vanished between two reads ({recount} frames now)"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(SampledClip {
         path: path.to_path_buf(),
         frames,
-        readable_frames: raw.frames.len(),
-        skipped: raw.skipped,
+        readable_frames: count,
+        skipped,
     })
 }
 
@@ -233,7 +307,7 @@ pub fn write_y4m_444(path: &Path, frames: &[RgbImage], fps: usize) -> Result<()>
 /// is reported as a [`SkippedFrame`].
 pub struct Y4mStream {
     path: PathBuf,
-    dec: y4m::Decoder<BufReader<std::fs::File>>,
+    dec: y4m::Decoder<Source>,
     layout: YuvLayout,
     fps: Option<f64>,
     next_index: usize,
@@ -244,11 +318,7 @@ pub struct Y4mStream {
 impl Y4mStream {
     /// Open `path` and read its stream header.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let dec = y4m::Decoder::new(BufReader::new(file))
-            .map_err(|e| Error::invalid(path, format!("not a y4m stream: {e}")))?;
-        let layout = y4m_layout(path, &dec)?;
+        let (dec, layout, file_len) = open_decoder(path)?;
         let rate = dec.get_framerate();
         let fps = (rate.num > 0 && rate.den > 0).then(|| rate.num as f64 / rate.den as f64);
         Ok(Self {
@@ -285,11 +355,8 @@ impl Y4mStream {
         };
         match self.dec.read_frame() {
             Ok(frame) => {
-                let mut raw = frame.get_y_plane().to_vec();
-                raw.extend_from_slice(frame.get_u_plane());
-                raw.extend_from_slice(frame.get_v_plane());
                 self.next_index += 1;
-                Some(Ok(yuv_to_rgb(&raw, self.layout)))
+                Some(Ok(yuv_to_rgb(&raw_planes(&frame), self.layout)))
             }
             Err(y4m::Error::EOF) => {
                 self.done = true;
@@ -399,5 +466,50 @@ mod tests {
         assert_eq!(clip.frames.len(), 16);
         std::fs::write(&p, b"not y4m").unwrap();
         assert!(load_sampled_clip(&p, 16).is_err());
+    }
+
+    /// Reproduction 1 of issue 19: a header whose W x H overflows, and sizes over the limits,
+    /// are refused by name before anything is allocated.
+    #[test]
+    fn y4m_headers_asking_for_huge_frames_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bomb.y4m");
+        for (header, what) in [
+            (
+                "YUV4MPEG2 W4294967296 H4294967296 F25:1 Cmono\nFRAME\n",
+                "4294967296x4294967296",
+            ),
+            ("YUV4MPEG2 W100000 H10 F25:1\nFRAME\n", "100000x10"),
+            ("YUV4MPEG2 W8000 H8000 F25:1\nFRAME\n", "8000x8000"),
+            ("YUV4MPEG2 W0 H10 F25:1\nFRAME\n", "0x10"),
+            (
+                "YUV4MPEG2 W18446744073709551616 H1\n",
+                "W18446744073709551616",
+            ),
+            ("YUV4MPEG2 H10\n", "no W"),
+        ] {
+            std::fs::write(&p, header).unwrap();
+            for e in [
+                load_sampled_clip(&p, 16).unwrap_err().to_string(),
+                Y4mStream::open(&p).err().unwrap().to_string(),
+            ] {
+                assert!(e.contains("bomb.y4m") && e.contains(what), "{header}: {e}");
+            }
+        }
+        std::fs::write(&p, vec![b'Y'; MAX_HEADER_BYTES + 10]).unwrap();
+        let e = load_sampled_clip(&p, 16).unwrap_err().to_string();
+        assert!(e.contains("header longer"), "{e}");
+    }
+
+    /// Sampling a long clip converts each sampled frame once and keeps no other frame.
+    #[test]
+    fn y4m_sampling_converts_only_the_sampled_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("one.y4m");
+        write_y4m_444(&p, &[frame(7)], 25).unwrap();
+        let clip = load_sampled_clip(&p, 16).unwrap();
+        assert_eq!((clip.frames.len(), clip.readable_frames), (16, 1));
+        let (kept, count, _) = scan_y4m(&p, |_| false).unwrap();
+        assert_eq!((kept.len(), count), (0, 1));
     }
 }

@@ -113,16 +113,18 @@ pub(super) fn run_train(a: TrainArgs) -> anyhow::Result<u8> {
                 "frames_per_clip": 16, "steps": a.steps, "seconds": secs,
                 "steps_per_second": steps_per_s, "peak_rss_bytes": peak,
                 "threads": rayon::current_num_threads(),
+                "block_kernels": pe_clip_models::clip::fused::kernels_name(),
                 "machine": crate::engine::machine(),
             })
         );
     } else {
         println!("machine: {}", crate::engine::machine());
         println!(
-            "train {} on {} in {}: {:.3} steps/s ({:.2} s/step, {} clip(s) x 16 frames in {} micro-batch(es), recompute {}), peak RSS {}",
+            "train {} on {} in {} ({} block kernels): {:.3} steps/s ({:.2} s/step, {} clip(s) x 16 frames in {} micro-batch(es), recompute {}), peak RSS {}",
             a.arch,
             a.device,
             a.precision,
+            pe_clip_models::clip::fused::kernels_name(),
             steps_per_s,
             secs / a.steps as f64,
             a.batch_size,
